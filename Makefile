@@ -1,0 +1,23 @@
+# Every target runs in the project's own virtual environment, .venv.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: install test train clean
+
+install: $(VENV)/.installed  ## create .venv and install the pinned requirements
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: install  ## the whole test suite
+	$(PYTHON) -m pytest
+
+train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2_100_224 lr=3e-4"
+	$(PYTHON) train.py $(ARGS)
+
+clean:  ## remove run outputs (not the MLflow store)
+	rm -rf outputs .pytest_cache

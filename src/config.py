@@ -1,0 +1,72 @@
+"""Config helpers: the project root resolver, user-facing errors and value checks."""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+class UserError(Exception):
+    """Bad input the user can fix. Its message is one line that says how."""
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject `group=name` overrides that name no config file, in one line rather than Hydra's page."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group = override.key_or_group
+        if not (conf_dir / group).is_dir():
+            continue
+        if override.is_sweep_override():
+            choices = list(override.sweep_string_iterator())
+        else:
+            choices = [override.get_value_element_as_str()]
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        for choice in choices:
+            if choice not in options:
+                raise UserError(f"unknown {group} '{choice}'; choose one of: {', '.join(options)}")
+
+
+def _check(cfg: DictConfig, key: str, ok, expected: str, kind: type = numbers.Real) -> None:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise UserError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the values a user is likely to override, before any work starts."""
+    _check(cfg, "lr", lambda v: v > 0, "a positive number, e.g. lr=1e-3")
+    _check(cfg, "batch_size", lambda v: v >= 1, "a positive integer, e.g. batch_size=32", int)
+    _check(cfg, "epochs", lambda v: v >= 1, "a positive integer, e.g. epochs=30", int)
+    _check(cfg, "seed", lambda v: v >= 0, "a non-negative integer, e.g. seed=42", int)
+    _check(cfg, "model.dropout", lambda v: 0 <= v < 1, "a number in [0, 1), e.g. model.dropout=0.2")
+    _check(cfg, "model.label_smoothing", lambda v: 0 <= v < 1,
+           "a number in [0, 1), e.g. model.label_smoothing=0.1")
+    _check(cfg, "trainer.early_stopping.patience", lambda v: v >= 0,
+           "a non-negative integer, e.g. trainer.early_stopping.patience=5", int)
+    _check(cfg, "export.top_k", lambda v: v >= 1, "a positive integer, e.g. export.top_k=5", int)
+    size = cfg.backbone.input_size
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 32 for s in size):
+        raise UserError(f"backbone.input_size={list(size)} is invalid: expected [height, width], e.g. [224,224]")
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Every resolved config value as `a.b.c -> value`, the way MLflow params want them."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

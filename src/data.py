@@ -1,0 +1,178 @@
+"""Data: TFDS, an image folder or synthetic images -> tf.data splits of (encoded image, label).
+
+Every source yields *encoded* image bytes. One function, `decode_and_resize`, turns them into pixels
+for training, evaluation and the exported serving signature alike, so the three never drift apart.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig
+from PIL import Image
+
+from src.config import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+SPLITS = ("train", "validation", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+# The first bytes of each format tf.io.decode_image reads.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a")
+
+
+@dataclass
+class Splits:
+    """Unbatched datasets of (encoded image bytes, int64 label), and what describes them."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    class_names: list[str]
+    name: str
+    version: str
+
+
+def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:
+    """JPEG/PNG/BMP/GIF bytes -> uint8 RGB image of `size` (height, width)."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(image, size, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def make_batches(ds: tf.data.Dataset, size, batch_size: int, *, cache: bool = False,
+                 shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Parallel decode + resize, optional in-memory cache, shuffle, batch, prefetch."""
+    ds = ds.map(lambda image, label: (decode_and_resize(image, size), label), num_parallel_calls=AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if shuffle_seed is not None:
+        ds = ds.shuffle(2048, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def load_splits(cfg: DictConfig) -> Splits:
+    loaders = {"tfds": _load_tfds, "image_folder": _load_image_folder, "synthetic": _load_synthetic}
+    if cfg.source not in loaders:
+        raise UserError(f"data.source={cfg.source!r} is unknown; use one of: {', '.join(loaders)}")
+    return loaders[cfg.source](cfg)
+
+
+# --- TensorFlow Datasets -------------------------------------------------------------------------
+
+def _load_tfds(cfg: DictConfig) -> Splits:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"data.name={cfg.name!r} is not a TensorFlow Datasets dataset") from None
+    if not builder.is_prepared():
+        where = builder.data_dir
+        fix = ("set TFDS_DATA_DIR or data.data_dir to a folder holding a prepared copy "
+               "(offline: ../shared/tensorflow_datasets)")
+        if not cfg.download:
+            raise UserError(f"{cfg.name} is not prepared in {where}; {fix}, or set data.download=true")
+        if not _reachable(builder):
+            raise UserError(f"{cfg.name} is not prepared in {where} and there is no network to download it; {fix}")
+        builder.download_and_prepare()
+    datasets = {
+        split: builder.as_dataset(split=cfg.splits[split], as_supervised=True, shuffle_files=False,
+                                  decoders={"image": tfds.decode.SkipDecoding()})
+        for split in SPLITS
+    }
+    return Splits(**datasets, class_names=list(builder.info.features["label"].names),
+                  name=cfg.name, version=str(builder.info.version))
+
+
+def _reachable(builder, timeout: float = 5.0) -> bool:
+    """Whether the dataset's download hosts answer. Offline, TFDS itself retries for minutes."""
+    hosts = {urlparse(url).hostname for url in (builder.url_infos or {})}
+    try:
+        for host in hosts:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# --- <root>/<split>/<class>/*.jpg ----------------------------------------------------------------
+
+def _load_image_folder(cfg: DictConfig) -> Splits:
+    root = Path(cfg.root)
+    train_dir = root / cfg.splits.train
+    if not train_dir.is_dir():
+        raise UserError(f"image folder {train_dir} does not exist; lay out images as {root}/<split>/<class>/*.jpg")
+    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not class_names:
+        raise UserError(f"{train_dir} holds no class folders; lay out images as {root}/<split>/<class>/*.jpg")
+    datasets = {}
+    for split in SPLITS:
+        files, labels = _list_images(root / cfg.splits[split], class_names)
+        datasets[split] = tf.data.Dataset.from_tensor_slices((files, labels)).map(
+            lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+    return Splits(**datasets, class_names=class_names, name=f"image_folder:{root.name}", version=_folder_version(root))
+
+
+def _list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], np.ndarray]:
+    if not split_dir.is_dir():
+        raise UserError(f"image folder split {split_dir} does not exist; create it with one folder per class")
+    files, labels = [], []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if class_dir.name not in class_names:
+            raise UserError(f"class folder {class_dir} is not in the train split; add it there or remove it")
+        for path in sorted(p for p in class_dir.iterdir() if p.is_file()):
+            with path.open("rb") as f:
+                head = f.read(8)
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not head.startswith(IMAGE_MAGIC):
+                raise UserError(f"{path} is not a JPEG/PNG/BMP/GIF image; remove it from the image folder")
+            files.append(str(path))
+            labels.append(class_names.index(class_dir.name))
+    if not files:
+        raise UserError(f"{split_dir} holds no images; put them in {split_dir}/<class>/")
+    return files, np.array(labels, dtype=np.int64)
+
+
+def _folder_version(root: Path) -> str:
+    """A cheap fingerprint of the folder: number of files and newest modification time."""
+    stats = [p.stat() for p in root.rglob("*") if p.is_file()]
+    return f"{len(stats)}files@{max((s.st_mtime_ns for s in stats), default=0)}"
+
+
+# --- synthetic ------------------------------------------------------------------------------------
+
+SYNTHETIC_COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200),
+                     "yellow": (220, 200, 40), "purple": (140, 50, 160), "orange": (240, 130, 30),
+                     "cyan": (40, 190, 200), "grey": (128, 128, 128)}
+
+
+def _load_synthetic(cfg: DictConfig) -> Splits:
+    """Colour classes with noise, random sizes and a random darker square; learnable in one epoch."""
+    if not 2 <= cfg.num_classes <= len(SYNTHETIC_COLOURS):
+        raise UserError(f"data.num_classes={cfg.num_classes} is invalid: expected 2..{len(SYNTHETIC_COLOURS)}")
+    class_names = list(SYNTHETIC_COLOURS)[: cfg.num_classes]
+    rng = np.random.default_rng(0)
+    datasets = {}
+    for split in SPLITS:
+        images, labels = [], []
+        for label, name in enumerate(class_names):
+            for _ in range(cfg.images_per_class[split]):
+                images.append(_synthetic_jpeg(rng, SYNTHETIC_COLOURS[name], cfg.min_side, cfg.max_side))
+                labels.append(label)
+        datasets[split] = tf.data.Dataset.from_tensor_slices((images, np.array(labels, dtype=np.int64)))
+    return Splits(**datasets, class_names=class_names, name="synthetic", version="1")
+
+
+def _synthetic_jpeg(rng: np.random.Generator, colour, min_side: int, max_side: int) -> bytes:
+    h, w = rng.integers(min_side, max_side + 1, size=2)
+    pixels = np.array(colour, dtype=np.float32) * rng.uniform(0.7, 1.1) + rng.normal(0, 20, (h, w, 3))
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    pixels[y: y + h // 3, x: x + w // 3] *= 0.5
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

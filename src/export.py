@@ -1,0 +1,56 @@
+"""Export: a SavedModel whose serving signature takes encoded images and returns the top-k classes,
+in TF Serving's versioned layout, and the same model as an MLflow pyfunc model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import mlflow
+import pandas as pd
+import tensorflow as tf
+from mlflow.models import infer_signature
+
+from src.data import decode_and_resize
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def export_saved_model(model: keras.Model, class_names: list[str], input_size, top_k: int, path: Path) -> Path:
+    """Write `path` (e.g. .../flowers/1) with signature `serving_default`:
+    image_bytes: string [batch] (JPEG/PNG; TF Serving REST: {"b64": ...})
+      -> labels: int32 [batch, k], class_names: string [batch, k], scores: float32 [batch, k]."""
+    k = min(top_k, len(class_names))
+    names = tf.constant(class_names)
+    image_spec = tf.TensorSpec([*input_size, 3], tf.uint8)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes):
+        images = tf.map_fn(lambda b: decode_and_resize(b, input_size), image_bytes, fn_output_signature=image_spec)
+        scores, labels = tf.math.top_k(model(images, training=False), k=k)
+        return {"labels": labels, "class_names": tf.gather(names, labels), "scores": scores}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve)
+    archive.write_out(str(path), verbose=False)
+    return path
+
+
+def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlflow.models.model.ModelInfo:
+    """Log the SavedModel as MLflow model `model`: DataFrame column `image` (bytes) ->
+    class_name, label, score (top-1) and top_k (a list of {class_name, label, score})."""
+    from src.pyfunc_model import FlowerClassifier
+
+    example = pd.DataFrame({"image": example_images})
+    predictor = FlowerClassifier.from_saved_model(str(saved_model_dir))
+    signature = infer_signature(example, predictor.predict(None, example))
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"saved_model": str(saved_model_dir)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"pandas=={pd.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+    )

@@ -1,0 +1,37 @@
+"""Model: raw uint8 image (any size) -> resize + scale -> augmentation -> backbone -> dropout -> softmax."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+from omegaconf import DictConfig
+
+
+def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
+    """Random flip, rotation, zoom and contrast on [0, 1] images; identity outside training."""
+    steps = []
+    if cfg.horizontal_flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if cfg.rotation:
+        steps.append(layers.RandomRotation(cfg.rotation, seed=seed))
+    if cfg.zoom:
+        steps.append(layers.RandomZoom(cfg.zoom, seed=seed))
+    if cfg.contrast:
+        steps.append(layers.RandomContrast(cfg.contrast, value_range=(0, 1), seed=seed))
+    return keras.Sequential(steps, name="augmentation")
+
+
+def build_head(num_classes: int, dropout: float) -> keras.Sequential:
+    return keras.Sequential([layers.Dropout(dropout), layers.Dense(num_classes, activation="softmax")], name="head")
+
+
+def build_model(backbone: keras.layers.Layer, input_size, num_classes: int, cfg: DictConfig,
+                seed: int) -> keras.Model:
+    images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, name="resize")(images)
+    x = layers.Rescaling(1 / 255, name="scale")(x)
+    if cfg.augmentation.enabled:
+        x = build_augmentation(cfg.augmentation, seed)(x)
+    features = backbone(x)
+    probabilities = build_head(num_classes, cfg.dropout)(features)
+    return keras.Model(images, probabilities, name="flower_classifier")

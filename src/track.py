@@ -1,0 +1,82 @@
+"""Tracking: the MLflow store and experiment, run names, tags, and per-epoch metrics."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from urllib.parse import urlparse
+
+import keras
+import mlflow
+import tensorflow as tf
+from omegaconf import DictConfig
+
+from src.config import PROJECT_ROOT
+
+# Keras history keys -> the metric names shared by tracking, sweeps, registry and reports.
+EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy",
+                 "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    mlflow.set_tracking_uri(cfg.uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    if experiment is not None:
+        return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
+    local = urlparse(cfg.uri).scheme not in ("http", "https", "databricks")
+    experiment_id = mlflow.create_experiment(
+        cfg.experiment_name, artifact_location=cfg.artifact_location if local else None)
+    return mlflow.set_experiment(experiment_id=experiment_id).experiment_id
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.backbone.name}-lr{cfg.lr:g}-bs{cfg.batch_size}"
+
+
+def git_commit() -> str:
+    """The checked-out commit, with "-dirty" when tracked files have uncommitted changes."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+
+    head = git("rev-parse", "--verify", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def device_tags() -> dict[str, str]:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        return {"device": "GPU", "device.name": ", ".join(sorted(set(names))), "device.count": str(len(gpus))}
+    return {"device": "CPU", "device.name": _cpu_model(), "device.count": "1"}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def run_tags(cfg: DictConfig, dataset: str, dataset_version: str) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(),
+        "backbone": cfg.backbone.name,
+        "dataset": dataset,
+        "dataset_version": dataset_version,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        **device_tags(),
+    }
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs train/val loss and accuracy to the active MLflow run, with step = epoch (from 1)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {name: float(logs[key]) for key, name in EPOCH_METRICS.items() if key in (logs or {})}
+        mlflow.log_metrics(metrics, step=epoch + 1)

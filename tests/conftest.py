@@ -1,0 +1,57 @@
+"""Shared fixtures: Hydra composition, a tiny backbone, a throw-away MLflow store, the offline data."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from src.config import CONF_DIR, PROJECT_ROOT
+from tests.tiny_backbone import save_tiny_backbone
+
+SHARED = PROJECT_ROOT.parent / "shared"
+OFFLINE_DATA = SHARED / "tensorflow_datasets"
+OFFLINE_BACKBONES = SHARED / "backbones"
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    return save_tiny_backbone(str(tmp_path_factory.mktemp("backbones") / "tiny"))
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def synthetic_cfg(tiny_backbone, tracking_uri, tmp_path):
+    """A fast job: synthetic data, the tiny backbone, a throw-away MLflow store."""
+    return compose_config(
+        "data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}", "backbone.name=tiny",
+        "epochs=1", "trainer.verbose=0", f"tracking.artifact_location={tmp_path}/artifacts")
+
+
+@pytest.fixture(scope="session")
+def offline_data_dir() -> str:
+    if not (OFFLINE_DATA / "oxford_flowers102").is_dir():
+        pytest.skip(f"no offline oxford_flowers102 at {OFFLINE_DATA}")
+    return str(OFFLINE_DATA)
+
+
+@pytest.fixture(scope="session")
+def offline_backbones_dir() -> Path:
+    if not OFFLINE_BACKBONES.is_dir():
+        pytest.skip(f"no offline backbones at {OFFLINE_BACKBONES}")
+    return OFFLINE_BACKBONES
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,44 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from src.evaluate import evaluate
+
+
+def constant_model(probabilities):
+    """A model that ignores its image and always answers `probabilities`."""
+    images = keras.Input((None, None, 3), dtype="uint8")
+    zeros = keras.layers.Lambda(lambda x: tf.zeros((tf.shape(x)[0], 1)))(images)
+    dense = keras.layers.Dense(len(probabilities), activation="softmax")
+    model = keras.Model(images, dense(zeros))
+    dense.set_weights([np.zeros((1, len(probabilities))), np.log(probabilities)])
+    return model
+
+
+def batches(labels, batch_size=4):
+    images = np.zeros((len(labels), 8, 8, 3), np.uint8)
+    return tf.data.Dataset.from_tensor_slices((images, np.array(labels, np.int64))).batch(batch_size)
+
+
+def test_metrics_per_class_accuracy_and_confusion_matrix():
+    # Always predicts class 0, then 1, 2, 3, 4, 5 in decreasing order of score.
+    scores = np.array([0.4, 0.2, 0.15, 0.1, 0.08, 0.07])
+    labels = [0, 0, 0, 1, 2, 5, 5, 3, 4, 0]
+    result = evaluate(constant_model(scores), batches(labels), list("abcdef"),
+                      keras.losses.CategoricalCrossentropy(), num_samples=3)
+    assert result.metrics["test/accuracy"] == pytest.approx(4 / 10)
+    assert result.metrics["test/top5_accuracy"] == pytest.approx(8 / 10)  # class 5 is sixth
+    expected_loss = -np.mean(np.log(scores[labels]))
+    assert result.metrics["test/loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert result.confusion[:, 0].tolist() == [4, 1, 1, 1, 1, 2] and result.confusion.sum() == 10
+    assert result.per_class["accuracy"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert result.per_class["images"].tolist() == [4, 1, 1, 1, 1, 2]
+    assert result.sample_images.shape == (3, 8, 8, 3) and result.sample_labels.tolist() == [0, 0, 0]
+
+
+def test_a_class_without_test_images_has_no_accuracy_rather_than_zero():
+    result = evaluate(constant_model(np.array([0.6, 0.3, 0.1])), batches([0, 1]), list("abc"),
+                      keras.losses.CategoricalCrossentropy(), prefix="val")
+    assert set(result.metrics) == {"val/accuracy", "val/top5_accuracy", "val/loss"}
+    assert np.isnan(result.per_class["accuracy"][2])
