@@ -49,7 +49,8 @@ class HubFeatureVector(keras.layers.Layer):
         super().__init__(trainable=trainable, **kwargs)
         self.handle = handle
         self.train_batchnorm = train_batchnorm
-        self._module = tf.saved_model.load(resolve_handle(handle))
+        self.module_path = resolve_handle(handle)
+        self._module = tf.saved_model.load(self.module_path)
         trainable_refs = {v.ref() for v in self._module.trainable_variables}
         for variable in self._module.variables:
             name = variable.name.split(":")[0].replace("/", "_")

@@ -165,7 +165,8 @@ def _load_synthetic(cfg: DictConfig) -> Splits:
                 images.append(_synthetic_jpeg(rng, SYNTHETIC_COLOURS[name], cfg.min_side, cfg.max_side))
                 labels.append(label)
         datasets[split] = tf.data.Dataset.from_tensor_slices((images, np.array(labels, dtype=np.int64)))
-    return Splits(**datasets, class_names=class_names, name="synthetic", version="1")
+    version = f"{cfg.num_classes}classes-{dict(cfg.images_per_class)}-{cfg.min_side}to{cfg.max_side}px"
+    return Splits(**datasets, class_names=class_names, name="synthetic", version=version)
 
 
 def _synthetic_jpeg(rng: np.random.Generator, colour, min_side: int, max_side: int) -> bytes:

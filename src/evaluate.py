@@ -14,21 +14,16 @@ import tensorflow as tf
 class Evaluation:
     metrics: dict[str, float]
     per_class: pd.DataFrame
-    confusion: np.ndarray          # rows: true class, columns: predicted class
-    sample_images: np.ndarray      # the first few test images, for a predictions grid
-    sample_labels: np.ndarray
-    sample_probabilities: np.ndarray
+    confusion: np.ndarray  # rows: true class, columns: predicted class
 
 
 def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str], loss: keras.losses.Loss,
-             num_samples: int = 16, prefix: str = "test") -> Evaluation:
-    """One pass over `batches` of (uint8 images, int labels)."""
-    probabilities, labels, samples = [], [], []
-    for images, batch_labels in batches:
-        probabilities.append(model.predict_on_batch(images))
+             prefix: str = "test") -> Evaluation:
+    """One pass over `batches` of (model inputs, int labels): images, or cached features for a head."""
+    probabilities, labels = [], []
+    for inputs, batch_labels in batches:
+        probabilities.append(model.predict_on_batch(inputs))
         labels.append(batch_labels.numpy())
-        if sum(len(s) for s in samples) < num_samples:
-            samples.append(images.numpy())
     probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
     num_classes = len(class_names)
     predicted = probabilities.argmax(axis=1)
@@ -44,6 +39,4 @@ def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str
     metrics = {f"{prefix}/accuracy": float((predicted == labels).mean()),
                f"{prefix}/top5_accuracy": float((top5 == labels[:, None]).any(axis=1).mean()),
                f"{prefix}/loss": loss_value}
-    sample_images = np.concatenate(samples)[:num_samples]
-    return Evaluation(metrics, per_class, confusion, sample_images, labels[:len(sample_images)],
-                      probabilities[:len(sample_images)])
+    return Evaluation(metrics, per_class, confusion)

@@ -3,6 +3,7 @@ in TF Serving's versioned layout, and the same model as an MLflow pyfunc model."
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import keras
@@ -44,7 +45,9 @@ def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlfl
 
     example = pd.DataFrame({"image": example_images})
     predictor = FlowerClassifier.from_saved_model(str(saved_model_dir))
-    signature = infer_signature(example, predictor.predict(None, example))
+    with warnings.catch_warnings():  # "integer columns cannot represent missing values": labels never miss
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, predictor.predict(None, example))
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),

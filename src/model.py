@@ -25,13 +25,24 @@ def build_head(num_classes: int, dropout: float) -> keras.Sequential:
     return keras.Sequential([layers.Dropout(dropout), layers.Dense(num_classes, activation="softmax")], name="head")
 
 
-def build_model(backbone: keras.layers.Layer, input_size, num_classes: int, cfg: DictConfig,
-                seed: int) -> keras.Model:
+def _resized_and_scaled(input_size):
     images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
     x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, name="resize")(images)
-    x = layers.Rescaling(1 / 255, name="scale")(x)
+    return images, layers.Rescaling(1 / 255, name="scale")(x)
+
+
+def build_model(backbone: keras.layers.Layer, input_size, num_classes: int, cfg: DictConfig, seed: int,
+                head: keras.Sequential | None = None) -> keras.Model:
+    """The classifier that is trained end to end and exported. `head` may be one trained on cached features."""
+    images, x = _resized_and_scaled(input_size)
     if cfg.augmentation.enabled:
         x = build_augmentation(cfg.augmentation, seed)(x)
     features = backbone(x)
-    probabilities = build_head(num_classes, cfg.dropout)(features)
+    probabilities = (head or build_head(num_classes, cfg.dropout))(features)
     return keras.Model(images, probabilities, name="flower_classifier")
+
+
+def build_feature_extractor(backbone: keras.layers.Layer, input_size) -> keras.Model:
+    """uint8 image -> the backbone's features, through the same resize and scale as the classifier."""
+    images, x = _resized_and_scaled(input_size)
+    return keras.Model(images, backbone(x), name="feature_extractor")

@@ -2,83 +2,130 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import mlflow
+import optuna
 import pandas as pd
+import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, track
-from src.backbone import load_backbone
+from src import features, plots, track
+from src.backbone import HubFeatureVector, load_backbone
 from src.config import flatten, validate
-from src.data import load_splits, make_batches
+from src.data import SPLITS, Splits, load_splits, make_batches
 from src.evaluate import evaluate
 from src.export import export_saved_model, log_pyfunc_model
-from src.model import build_model
+from src.model import build_feature_extractor, build_head, build_model
 from src.train import compile_model, fit, make_loss
 
 log = logging.getLogger(__name__)
 
 
-def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    """Train on train, select on validation, report on test. Returns the run's final metrics."""
+@dataclass
+class Inputs:
+    splits: Splits
+    backbone: HubFeatureVector
+
+
+def prepare(cfg: DictConfig) -> Inputs:
+    """Everything that fails on bad input: config values, the dataset, the backbone."""
     validate(cfg)
-    # Everything that can fail on bad input runs before the MLflow run exists, so a failure leaves no trace.
-    splits = load_splits(cfg.data)
-    backbone = load_backbone(cfg.backbone)
+    return Inputs(load_splits(cfg.data), load_backbone(cfg.backbone))
+
+
+def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None,
+            callbacks: list[keras.callbacks.Callback] = ()) -> dict[str, float]:
+    """Train on train, select on validation, report on test. Returns the run's final metrics.
+
+    A single job checks its inputs before the MLflow run exists, so bad input leaves no trace. A job of a
+    sweep (`parent_run_id`) starts its run first, so that a failure stays visible in the sweep as FAILED."""
+    if parent_run_id is None:
+        inputs = prepare(cfg)
+        track.setup(cfg.tracking)
+        with _mlflow_run(cfg, None):
+            return _train_and_log(cfg, inputs, output_dir, callbacks)
     track.setup(cfg.tracking)
-    keras.utils.set_random_seed(cfg.seed)
+    with _mlflow_run(cfg, parent_run_id):
+        return _train_and_log(cfg, prepare(cfg), output_dir, callbacks)
 
-    size, num_classes = tuple(cfg.backbone.input_size), len(splits.class_names)
-    train = make_batches(splits.train, size, cfg.batch_size, cache=cfg.data.cache, shuffle_seed=cfg.seed)
-    validation = make_batches(splits.validation, size, cfg.batch_size, cache=cfg.data.cache)
-    test = make_batches(splits.test, size, cfg.batch_size)
 
+@contextlib.contextmanager
+def _mlflow_run(cfg: DictConfig, parent_run_id: str | None):
     name = track.run_name(cfg)
-    with mlflow.start_run(run_name=name, tags=track.run_tags(cfg, splits.name, splits.version)) as run:
+    with mlflow.start_run(run_name=name, parent_run_id=parent_run_id) as run:
         log.info("MLflow run %s (%s) in %s", name, run.info.run_id, cfg.tracking.uri)
         mlflow.log_params(flatten(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        try:
+            yield run
+        except BaseException as error:  # say why the run ended: FAILED, or KILLED when stopped on purpose
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.end_run("KILLED" if isinstance(error, (KeyboardInterrupt, optuna.TrialPruned)) else "FAILED")
+            raise
 
+
+def _train_and_log(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks) -> dict[str, float]:
+    splits, backbone = inputs.splits, inputs.backbone
+    mlflow.set_tags(track.run_tags(cfg, splits.name, splits.version))
+    keras.utils.set_random_seed(cfg.seed)
+    size, num_classes = tuple(cfg.backbone.input_size), len(splits.class_names)
+    callbacks = [track.EpochMetrics(), *callbacks]
+
+    start = time.perf_counter()
+    if features.applies(cfg):
+        mlflow.set_tag("feature_cache", "true")
+        cached = _cached_features(cfg, splits, backbone)
+        head = build_head(num_classes, cfg.model.dropout)
+        head.build((None, cached["train"][0].shape[1]))
+        compile_model(head, cfg)
+        history = fit(head, _feature_batches(cached["train"], cfg.batch_size, cfg.seed),
+                      _feature_batches(cached["validation"], cfg.batch_size), num_classes, cfg, callbacks)
+        model = build_model(backbone, size, num_classes, cfg.model, cfg.seed, head=head)
+        evaluated, test_batches = head, _feature_batches(cached["test"], cfg.batch_size)
+    else:
         model = build_model(backbone, size, num_classes, cfg.model, cfg.seed)
         compile_model(model, cfg)
-        start = time.perf_counter()
-        history = fit(model, train, validation, num_classes, cfg, callbacks=[track.EpochMetrics()])
-        train_seconds = time.perf_counter() - start
+        history = fit(model, make_batches(splits.train, size, cfg.batch_size, cache=cfg.data.cache,
+                                          shuffle_seed=cfg.seed),
+                      make_batches(splits.validation, size, cfg.batch_size, cache=cfg.data.cache),
+                      num_classes, cfg, callbacks)
+        evaluated, test_batches = model, make_batches(splits.test, size, cfg.batch_size)
+    train_seconds = time.perf_counter() - start
 
-        start = time.perf_counter()
-        result = evaluate(model, test, splits.class_names, make_loss(cfg), cfg.export.sample_predictions)
-        eval_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = evaluate(evaluated, test_batches, splits.class_names, make_loss(cfg))
+    eval_seconds = time.perf_counter() - start
 
-        curves = pd.DataFrame(history.history).rename(columns=track.EPOCH_METRICS)
-        curves.index = curves.index + 1
-        metrics = {
-            "val/accuracy_best": float(curves["val/accuracy"].max()),
-            "best_epoch": int(curves["val/accuracy"].idxmax()),
-            "epochs_trained": len(curves),
-            **result.metrics,
-            "time/train_s": train_seconds,
-            "time/eval_s": eval_seconds,
-        }
-        mlflow.log_metrics(metrics)
-        _log_figure(plots.training_curves(curves, name), "plots/training_curves.png")
-        _log_figure(plots.confusion_matrix(result.confusion, splits.class_names, f"{name}: test confusion matrix"),
-                    "plots/confusion_matrix.png")
-        _log_figure(plots.sample_predictions(result.sample_images, result.sample_labels, result.sample_probabilities,
-                                             splits.class_names, f"{name}: test predictions"),
-                    "plots/test_predictions.png")
-        per_class_csv = output_dir / "per_class_accuracy.csv"
-        result.per_class.to_csv(per_class_csv, index=False)
-        mlflow.log_artifact(str(per_class_csv))
+    curves = pd.DataFrame(history.history).rename(columns=track.EPOCH_METRICS)
+    curves.index = curves.index + 1
+    best_epoch = int(curves["val/accuracy"].idxmax())
+    metrics = {
+        "val/accuracy_best": float(curves.loc[best_epoch, "val/accuracy"]),
+        "val/loss_at_best": float(curves.loc[best_epoch, "val/loss"]),
+        "best_epoch": best_epoch,
+        "epochs_trained": len(curves),
+        **result.metrics,
+        "time/train_s": train_seconds,
+        "time/eval_s": eval_seconds,
+    }
+    mlflow.log_metrics(metrics)
+    _log_plots(cfg, model, splits, curves, result.confusion)
+    per_class_csv = output_dir / "per_class_accuracy.csv"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result.per_class.to_csv(per_class_csv, index=False)
+    mlflow.log_artifact(str(per_class_csv))
 
-        saved_model = export_saved_model(model, splits.class_names, size, cfg.export.top_k,
-                                         output_dir / "saved_model" / cfg.export.model_name / str(cfg.export.version))
-        mlflow.log_artifacts(str(saved_model.parent.parent), "saved_model")
-        example = next(iter(splits.test.take(1)))[0].numpy()
-        log_pyfunc_model(saved_model, [example])
+    saved_model = export_saved_model(model, splits.class_names, size, cfg.export.top_k,
+                                     output_dir / "saved_model" / cfg.export.model_name / str(cfg.export.version))
+    mlflow.log_artifacts(str(saved_model.parent.parent), "saved_model")
+    example = next(iter(splits.test.take(1)))[0].numpy()
+    log_pyfunc_model(saved_model, [example])
 
     log.info("test accuracy %.4f (top-5 %.4f), best val accuracy %.4f at epoch %d; train %.0f s",
              metrics["test/accuracy"], metrics["test/top5_accuracy"], metrics["val/accuracy_best"],
@@ -86,6 +133,38 @@ def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def _log_figure(figure, artifact_file: str) -> None:
-    mlflow.log_figure(figure, artifact_file)
-    plots.plt.close(figure)
+def _cached_features(cfg: DictConfig, splits: Splits, backbone: HubFeatureVector) -> dict:
+    """(features, labels) per split, from the cache or extracted into it."""
+    size = tuple(cfg.backbone.input_size)
+    extractor = build_feature_extractor(backbone, size)
+    cached = {}
+    for split in SPLITS:
+        split_spec = OmegaConf.select(cfg.data, f"splits.{split}", default=split)
+        key = features.cache_key(backbone.module_path, size, splits.name, splits.version, split_spec)
+        batches = make_batches(getattr(splits, split), size, cfg.batch_size)
+        cached[split] = features.load_or_extract(extractor, batches, Path(cfg.paths.cache_dir) / "features" / f"{key}.npz")
+    return cached
+
+
+def _feature_batches(split_features, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(split_features)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(split_features[1]), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _log_plots(cfg: DictConfig, model: keras.Model, splits: Splits, curves: pd.DataFrame, confusion) -> None:
+    name = track.run_name(cfg)
+    images, labels = next(iter(make_batches(splits.test, tuple(cfg.backbone.input_size),
+                                            cfg.export.sample_predictions)))
+    figures = {
+        "plots/training_curves.png": plots.training_curves(curves, name),
+        "plots/confusion_matrix.png": plots.confusion_matrix(confusion, splits.class_names,
+                                                             f"{name}: test confusion matrix"),
+        "plots/test_predictions.png": plots.sample_predictions(images.numpy(), labels.numpy(),
+                                                               model.predict_on_batch(images), splits.class_names,
+                                                               f"{name}: test predictions"),
+    }
+    for artifact_file, figure in figures.items():
+        mlflow.log_figure(figure, artifact_file)
+        plots.plt.close(figure)

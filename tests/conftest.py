@@ -36,7 +36,8 @@ def synthetic_cfg(tiny_backbone, tracking_uri, tmp_path):
     """A fast job: synthetic data, the tiny backbone, a throw-away MLflow store."""
     return compose_config(
         "data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}", "backbone.name=tiny",
-        "epochs=1", "trainer.verbose=0", f"tracking.artifact_location={tmp_path}/artifacts")
+        "epochs=1", "trainer.verbose=0", f"tracking.artifact_location={tmp_path}/artifacts",
+        f"paths.cache_dir={tmp_path}/cache")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ FAST = ["data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny",
 def train(tmp_path, *overrides):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "train.py", *overrides, f"tracking.artifact_location={tmp_path}/art",
-                           f"hydra.run.dir={tmp_path}/out"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                           f"hydra.run.dir={tmp_path}/out", f"paths.cache_dir={tmp_path}/cache"], cwd=PROJECT_ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -71,7 +71,8 @@ def test_per_epoch_and_final_metrics(trained):
 def test_tags(trained):
     _, run, _ = trained
     tags = run.data.tags
-    assert tags["backbone"] == "tiny" and tags["dataset"] == "synthetic" and tags["dataset_version"] == "1"
+    assert tags["backbone"] == "tiny" and tags["dataset"] == "synthetic"
+    assert tags["dataset_version"] == "4classes-{'train': 40, 'validation': 20, 'test': 20}-48to96px"
     assert tags["device"] == "CPU" and tags["tensorflow_version"] == tf.__version__
     assert tags["git_commit"] and tags["keras_version"]
 

@@ -1,0 +1,90 @@
+"""A Hydra sweeper on Optuna's ask-and-tell interface, with current Optuna and pruning.
+
+`python train.py -m hparams_search=<name>` selects it. It asks the study for a trial, launches one job with the
+sampled values as overrides plus `+optuna_trial=<number>` (the job reports per-epoch val accuracy to the
+trial, so the pruner can stop it), and tells the study the result. `n_trials` counts the study's finished and
+running trials across all workers and runs, so re-running the command resumes the study, and several
+processes with the same storage share it.
+"""
+
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import optuna
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = "hydra_plugins.flowers_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    study_name: str = "flowers"
+    storage: Optional[str] = None  # SQLAlchemy URL or journal:///path/file.log; None: in memory
+    n_trials: int = 20
+    direction: str = "maximize"
+    sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "TPESampler", "seed": 42})
+    pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "MedianPruner"})
+    params: Dict[str, Any] = field(default_factory=dict)
+    max_failures_in_a_row: int = 3
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="flowers")
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, **cfg: Any) -> None:
+        self.cfg = OmegaConf.create(cfg)
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> List[Any]:
+        from src import search
+
+        fixed = OverridesParser.create().parse_overrides(arguments)
+        if any(o.is_sweep_override() for o in fixed):
+            raise ValueError("hparams_search: put searched values in the search space, not on the command line")
+        study = search.load_study(self.cfg)
+        abandoned = search.fail_abandoned_trials(study)
+        if abandoned:
+            log.info("trials %s were left running by a killed process: marked FAIL", abandoned)
+        log.info("study %s in %s: %d of %d trials finished or running", self.cfg.study_name, self.cfg.storage,
+                 search._counted(study), self.cfg.n_trials)
+
+        returns, failures = [], 0
+        while (trial := search.next_trial(study, self.cfg.n_trials)) is not None:
+            values = search.suggest(trial, self.cfg.params)
+            overrides = [*arguments, *(f"{name}={_override(value)}" for name, value in values.items()),
+                         f"+optuna_trial={trial.number}"]
+            [job] = self.launcher.launch([overrides], initial_job_idx=trial.number)
+            state, value = _outcome(job)
+            study.tell(trial, value, state=state)
+            log.info("trial %d %s: %s", trial.number, state.name, value if value is not None else job._return_value)
+            failures = failures + 1 if state == optuna.trial.TrialState.FAIL else 0
+            if failures >= self.cfg.max_failures_in_a_row:
+                raise RuntimeError(f"{failures} trials in a row failed; see the job logs in {self.config.hydra.sweep.dir}")
+            returns.append(job)
+        search.log_study(study)
+        return returns
+
+
+def _override(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _outcome(job) -> tuple[optuna.trial.TrialState, Optional[float]]:
+    """COMPLETE with the objective, PRUNED (the job raised TrialPruned), or FAIL."""
+    if isinstance(job._return_value, optuna.TrialPruned):
+        return optuna.trial.TrialState.PRUNED, None
+    if isinstance(job._return_value, float):
+        return optuna.trial.TrialState.COMPLETE, job._return_value
+    return optuna.trial.TrialState.FAIL, None

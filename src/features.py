@@ -1,0 +1,66 @@
+"""Feature cache: a frozen backbone's features of each split, computed once and kept on disk.
+
+With the backbone frozen and augmentation off, every epoch of every trial would push the same images through
+the same backbone. Here they go through once; heads then train on the cached features in seconds. The key
+covers everything that changes the features, so a changed backbone file, input size, dataset version, split
+or preprocessing gets new features rather than stale ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+# Bump when decode_and_resize or the model's resize/scale layers change.
+PREPROCESSING = "decode_and_resize(bilinear,antialias)->Resizing(bilinear,antialias)->Rescaling(1/255)"
+
+
+def applies(cfg) -> bool:
+    """Cached features stand in for the images only when nothing between image and features trains or varies."""
+    return bool(cfg.trainer.feature_cache) and not cfg.backbone.trainable and not cfg.model.augmentation.enabled
+
+
+def files_digest(handle: str) -> str:
+    """SHA-256 over a local SavedModel's files (names and contents); a URL handle is pinned by its version."""
+    root = Path(handle)
+    if not root.is_dir():
+        return handle
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(backbone_handle: str, input_size, dataset: str, version: str, split: str) -> str:
+    fields = {"backbone": backbone_handle, "backbone_files": files_digest(backbone_handle),
+              "input_size": list(input_size), "dataset": dataset, "version": version, "split": split,
+              "preprocessing": PREPROCESSING}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_or_extract(extractor: keras.Model, batches: tf.data.Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) from `path` if it exists, else computed from `batches` and written atomically."""
+    if path.is_file():
+        with np.load(path) as cached:
+            return cached["features"], cached["labels"]
+    log.info("extracting features into %s", path)
+    features, labels = [], []
+    for images, batch_labels in batches:
+        features.append(extractor.predict_on_batch(images))
+        labels.append(batch_labels.numpy())
+    features, labels = np.concatenate(features), np.concatenate(labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    np.savez(partial, features=features, labels=labels)
+    os.replace(partial, path)  # readers never see half a file, even with parallel workers
+    return features, labels

@@ -1,0 +1,174 @@
+"""Optuna search: the study, its sampler, pruner and storage, the YAML search space, and per-epoch pruning.
+
+The sweeper (hydra_plugins/flowers_optuna_sweeper) asks the study for a trial, launches the job with the
+trial's values as overrides plus `+optuna_trial=<number>`, and tells the study the outcome. The job reports
+its val accuracy after every epoch to the same storage, so the pruner can stop a poor trial early, even
+when the job runs in another process or on another machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import keras
+import mlflow
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import UserError
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+RUNNING = optuna.trial.TrialState.RUNNING
+
+
+def make_storage(url: str | None):
+    """`journal:///path/file.log` -> Optuna's journal file storage; any other URL -> SQLAlchemy (RDB) storage."""
+    if url is None:
+        return None
+    if url.startswith("journal://"):
+        path = Path(url.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url)
+
+
+def make_sampler(cfg: DictConfig) -> optuna.samplers.BaseSampler:
+    options = OmegaConf.to_container(cfg)
+    name = options.pop("name")
+    return getattr(optuna.samplers, name)(**options)
+
+
+def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    options = OmegaConf.to_container(cfg)
+    name = options.pop("name")
+    return getattr(optuna.pruners, name)(**options)
+
+
+def load_study(cfg: DictConfig) -> optuna.Study:
+    """The study named in the sweeper config `cfg`, created on first use and resumed after that."""
+    try:
+        return optuna.create_study(study_name=cfg.study_name, storage=make_storage(cfg.storage),
+                                   sampler=make_sampler(cfg.sampler), pruner=make_pruner(cfg.pruner),
+                                   direction=cfg.direction, load_if_exists=True)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise UserError(f"hparams_search: cannot create study {cfg.study_name!r}: {error}") from None
+
+
+def suggest(trial: optuna.Trial, space: DictConfig) -> dict:
+    """Sample every parameter of the YAML space, e.g. `lr: {type: float, low: 1e-4, high: 1e-2, log: true}`.
+    `type` is float, int or categorical: Optuna's suggest_float, suggest_int, suggest_categorical."""
+    values = {}
+    for name, spec in space.items():
+        options = OmegaConf.to_container(spec)
+        kind = options.pop("type")
+        if kind not in ("float", "int", "categorical"):
+            raise UserError(f"hparams_search: {name} has type {kind!r}; use float, int or categorical")
+        values[name] = getattr(trial, f"suggest_{kind}")(name, **options)
+    return values
+
+
+def next_trial(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
+    """A new trial while fewer than `n_trials` are finished or running, counted across all workers.
+
+    Two workers may ask at the same moment; the trial numbers decide which one runs. A trial asked beyond
+    `n_trials` is told FAIL at once, with the reason as a user attribute, and never runs."""
+    if _counted(study) >= n_trials:
+        return None
+    trial = study.ask()
+    trial.set_user_attr("worker", _worker())
+    counted = sorted(t.number for t in study.get_trials(deepcopy=False) if t.state in (*FINISHED, RUNNING))
+    if trial.number not in counted[:n_trials]:
+        trial.set_user_attr("not_run", f"n_trials={n_trials} reached by other workers")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+    return trial
+
+
+def _counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING)))
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_abandoned_trials(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a process of this host that no longer exists (e.g. killed with SIGKILL) -> FAIL,
+    so that a re-run does not count them. Their finished siblings are kept."""
+    host = socket.gethostname()
+    abandoned = []
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        worker_host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            abandoned.append(trial.number)
+    return abandoned
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PruningCallback(keras.callbacks.Callback):
+    """Reports val accuracy to the trial after each epoch, and prunes it when the pruner says so."""
+
+    def __init__(self, sweeper_cfg: DictConfig, trial_number: int):
+        super().__init__()
+        study = optuna.load_study(study_name=sweeper_cfg.study_name, storage=make_storage(sweeper_cfg.storage),
+                                  pruner=make_pruner(sweeper_cfg.pruner))
+        # Optuna's public Trial constructor wants the storage's trial id, not the number the sweeper passed on.
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+        self.trial = optuna.Trial(study, trial_id)
+        self.study_name = sweeper_cfg.study_name
+
+    def on_train_begin(self, logs=None):
+        mlflow.set_tags({"optuna.study": self.study_name, "optuna.trial": str(self.trial.number)})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
+        if self.trial.should_prune():
+            mlflow.set_tag("optuna.state", "PRUNED")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val accuracy {logs['val_accuracy']:.4f}")
+
+
+def log_study(study: optuna.Study) -> None:
+    """The study's best trial and Optuna's own plots, on the sweep's MLflow run."""
+    from src import plots  # matplotlib with the Agg backend
+    from src.sweep import SWEEP_RUN_ENV
+
+    run_id = os.environ.get(SWEEP_RUN_ENV)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient()
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    client.set_tag(run_id, "optuna.study", study.study_name)
+    for state in optuna.trial.TrialState:
+        client.log_metric(run_id, f"trials/{state.name.lower()}", states.count(state))
+    if not any(state == optuna.trial.TrialState.COMPLETE for state in states):
+        return
+    best = study.best_trial
+    client.set_tag(run_id, "optuna.best_trial", str(best.number))
+    client.log_metric(run_id, "optuna/best_value", best.value)
+    for name, value in best.params.items():
+        client.set_tag(run_id, f"optuna.best.{name}", str(value))
+    figures = {"optuna/optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
+    if len([s for s in states if s == optuna.trial.TrialState.COMPLETE]) > 1 and len(best.params) > 1:
+        figures["optuna/param_importances.png"] = optuna.visualization.matplotlib.plot_param_importances
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Optuna's matplotlib plots
+    for artifact_file, plot in figures.items():
+        figure = plot(study).figure
+        figure.set_size_inches(9, 5)
+        figure.tight_layout()
+        client.log_figure(run_id, figure, artifact_file)
+        plots.plt.close(figure)

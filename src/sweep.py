@@ -1,0 +1,86 @@
+"""Sweeps: one MLflow parent run per `python train.py -m ...`, its jobs as child runs, and a summary.
+
+A Hydra callback opens the parent run when the multirun starts and hands its id to the jobs through the
+environment (jobs may run in other processes, e.g. with the joblib launcher). When the multirun ends it
+writes the summary: a table of every job (CSV and markdown) and the best job by `val/accuracy_best`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from src import track
+
+log = logging.getLogger(__name__)
+
+SWEEP_RUN_ENV = "FLOWERS_SWEEP_RUN_ID"
+SELECT_BY = "val/accuracy_best"
+TIE_BREAK = "val/loss_at_best"  # lower is better
+COLUMNS = {"tags.mlflow.runName": "run", "status": "status", "params.backbone.name": "backbone",
+           "params.lr": "lr", "params.batch_size": "batch_size", "params.model.dropout": "dropout",
+           "params.model.label_smoothing": "label_smoothing",
+           "params.model.augmentation.enabled": "augmentation", "tags.optuna.trial": "trial",
+           f"metrics.{SELECT_BY}": SELECT_BY, f"metrics.{TIE_BREAK}": TIE_BREAK,
+           "metrics.test/accuracy": "test/accuracy", "metrics.test/top5_accuracy": "test/top5_accuracy",
+           "metrics.epochs_trained": "epochs", "metrics.time/train_s": "time/train_s", "tags.error": "error",
+           "run_id": "run_id"}
+
+
+class MlflowSweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        experiment_id = track.setup(config.tracking)
+        sweep_dir = config.hydra.sweep.dir
+        run = mlflow.MlflowClient().create_run(
+            experiment_id, run_name=f"sweep-{Path(sweep_dir).name}",
+            tags={"sweep": "true", "sweep.dir": sweep_dir, "sweep.overrides": " ".join(config.hydra.overrides.task),
+                  "git_commit": track.git_commit()})
+        os.environ[SWEEP_RUN_ENV] = run.info.run_id
+        log.info("MLflow sweep run %s in %s", run.info.run_id, config.tracking.uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        run_id = os.environ.pop(SWEEP_RUN_ENV, None)
+        if run_id is None:
+            return
+        table = summarize(run_id)
+        failed = int((table["status"] == "FAILED").sum()) if len(table) else 0
+        log.info("sweep %s: %d jobs, %d failed; summary logged to the sweep run", run_id, len(table), failed)
+        mlflow.MlflowClient().set_terminated(run_id)
+
+
+def job_table(parent_run_id: str) -> pd.DataFrame:
+    """One row per child run of the sweep, best first."""
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    if runs.empty:
+        return pd.DataFrame(columns=list(COLUMNS.values()))
+    table = runs.reindex(columns=list(COLUMNS)).rename(columns=COLUMNS)
+    return table.sort_values([SELECT_BY, TIE_BREAK], ascending=[False, True], na_position="last",
+                             ignore_index=True)
+
+
+def summarize(parent_run_id: str) -> pd.DataFrame:
+    """Log the job table and the best job to the parent run; return the table."""
+    client = mlflow.MlflowClient()
+    table = job_table(parent_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "summary.csv", index=False)
+        (Path(tmp) / "summary.md").write_text(table.drop(columns=["run_id"]).dropna(axis=1, how="all").to_markdown(index=False) + "\n")
+        client.log_artifact(parent_run_id, str(Path(tmp) / "summary.csv"))
+        client.log_artifact(parent_run_id, str(Path(tmp) / "summary.md"))
+    finished = table[(table["status"] == "FINISHED") & table[SELECT_BY].notna()]
+    client.log_metric(parent_run_id, "jobs", len(table))
+    client.log_metric(parent_run_id, "jobs_failed", int((table["status"] == "FAILED").sum()))
+    if len(finished):
+        best = finished.iloc[0]
+        client.set_tag(parent_run_id, "best_run_id", best["run_id"])
+        client.set_tag(parent_run_id, "best_run_name", best["run"])
+        for metric in (SELECT_BY, "test/accuracy", "test/top5_accuracy"):
+            client.log_metric(parent_run_id, f"best/{metric}", float(best[metric]))
+    return table

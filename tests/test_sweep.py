@@ -1,0 +1,201 @@
+"""Sweeps through the command line, on synthetic data with the tiny backbone: Hydra grids, the Optuna sweeper,
+resume after SIGKILL, and parallel workers on the journal storage and on PostgreSQL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+
+from src.config import PROJECT_ROOT
+from src.search import make_storage
+
+FAST = ["data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=0"]
+
+
+def command(tmp_path, tiny_backbone, *overrides):
+    return [sys.executable, "train.py", "-m", *FAST, f"backbone.handle={tiny_backbone}", *overrides,
+            f"tracking.artifact_location={tmp_path}/art", f"paths.cache_dir={tmp_path}/cache",
+            f"hydra.sweep.dir={tmp_path}/multirun/{uuid.uuid4().hex[:8]}"]
+
+
+def environment(tmp_path):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def sweep(tmp_path, tiny_backbone, *overrides):
+    result = subprocess.run(command(tmp_path, tiny_backbone, *overrides), cwd=PROJECT_ROOT,
+                            env=environment(tmp_path), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def all_runs(tmp_path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["tags.sweep"] == "true"]
+
+
+def children(runs: pd.DataFrame, parent_id: str) -> pd.DataFrame:
+    return runs[runs["tags.mlflow.parentRunId"] == parent_id]
+
+
+def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_path, tiny_backbone):
+    sweep(tmp_path, tiny_backbone, "lr=0.01,0.05", "batch_size=16,32", "model.dropout=0.1,0.3", "epochs=1",
+          "model.augmentation.enabled=false")
+    runs = all_runs(tmp_path)
+    [parent] = sweep_runs(runs).itertuples()
+    jobs = children(runs, parent.run_id)
+    assert len(jobs) == 8 and set(jobs["status"]) == {"FINISHED"}
+    combos = set(zip(jobs["params.lr"], jobs["params.batch_size"], jobs["params.model.dropout"]))
+    assert len(combos) == 8
+    client = mlflow.MlflowClient()
+    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.run_id, artifact_path="summary.csv"))
+    assert len(summary) == 8 and summary["val/accuracy_best"].is_monotonic_decreasing
+    assert {a.path for a in client.list_artifacts(parent.run_id)} == {"summary.csv", "summary.md"}
+    best = jobs.sort_values(["metrics.val/accuracy_best", "metrics.val/loss_at_best"],
+                            ascending=[False, True]).iloc[0]
+    parent_run = client.get_run(parent.run_id)
+    assert parent_run.data.tags["best_run_id"] == best["run_id"] == summary["run_id"][0]
+    assert parent_run.data.metrics["best/val/accuracy_best"] == best["metrics.val/accuracy_best"]
+    assert parent_run.data.metrics["best/test/accuracy"] == best["metrics.test/accuracy"]
+    assert parent_run.info.status == "FINISHED"
+
+
+def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_backbone):
+    result = sweep(tmp_path, tiny_backbone, "lr=-1,0.05", "epochs=1", "model.augmentation.enabled=false")
+    runs = all_runs(tmp_path)
+    [parent] = sweep_runs(runs).itertuples()
+    jobs = children(runs, parent.run_id).set_index("params.lr")
+    assert jobs.loc["-1", "status"] == "FAILED"
+    assert jobs.loc["-1", "tags.error"].startswith("UserError: lr=-1 is invalid")
+    assert jobs.loc["0.05", "status"] == "FINISHED"
+    assert mlflow.MlflowClient().get_run(parent.run_id).data.metrics["jobs_failed"] == 1
+    assert "lr=-1 is invalid" in result.stdout + result.stderr
+
+
+SEARCH = ["hparams_search=mobilenet_v2", "epochs=4", "model.augmentation.enabled=false",
+          "hydra.sweeper.params.lr.low=0.003", "hydra.sweeper.params.lr.high=0.3",
+          # Prune any trial still below 0.3 val accuracy (chance is 0.25) at its second epoch.
+          "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.name=ThresholdPruner",
+          "+hydra.sweeper.pruner.lower=0.3", "hydra.sweeper.pruner.n_warmup_steps=2"]
+
+
+def search(tmp_path, storage, n_trials, study="test_study"):
+    return [*SEARCH, f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_trials={n_trials}",
+            f"hydra.sweeper.study_name={study}"]
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+def test_optuna_search_prunes_and_records_every_trial(tmp_path, tiny_backbone):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    sweep(tmp_path, tiny_backbone, *search(tmp_path, storage, 6))
+    study = optuna.load_study(study_name="test_study", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert len(finished(study)) == 6 == len(states), states
+    assert "PRUNED" in states and "COMPLETE" in states, states
+    assert all(set(t.params) == {"lr", "batch_size", "model.dropout"} for t in study.trials)
+
+    runs = all_runs(tmp_path)
+    [parent] = sweep_runs(runs).itertuples()
+    trials = children(runs, parent.run_id).set_index("tags.optuna.trial")
+    assert sorted(trials.index.astype(int)) == [t.number for t in study.trials]
+    for trial in study.trials:
+        run = trials.loc[str(trial.number)]
+        assert float(run["params.lr"]) == pytest.approx(trial.params["lr"])
+        assert int(run["params.batch_size"]) == trial.params["batch_size"]
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            assert (run["status"], run["tags.optuna.state"]) == ("KILLED", "PRUNED")
+            assert pd.isna(run["metrics.test/accuracy"])  # stopped before the test evaluation
+        else:
+            assert run["status"] == "FINISHED"
+            assert run["metrics.val/accuracy_best"] == pytest.approx(trial.value)
+            assert not pd.isna(run["metrics.test/accuracy"])  # logged, but never the objective
+
+    parent_run = mlflow.MlflowClient().get_run(parent.run_id)
+    assert parent_run.data.tags["optuna.best_trial"] == str(study.best_trial.number)
+    assert parent_run.data.metrics["optuna/best_value"] == study.best_value
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id, "optuna")}
+    assert artifacts == {"optuna/optimization_history.png", "optuna/param_importances.png"}
+
+
+def test_rerunning_resumes_the_study_after_sigkill(tmp_path, tiny_backbone):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = search(tmp_path, storage, 6)
+    first = subprocess.Popen(command(tmp_path, tiny_backbone, *overrides), cwd=PROJECT_ROOT,
+                             env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            done = finished(optuna.load_study(study_name="test_study", storage=storage))
+        except KeyError:  # the study does not exist yet
+            continue
+        if len(done) >= 2:
+            break
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {t.number: (t.state, t.value, t.params) for t in finished(optuna.load_study(study_name="test_study",
+                                                                                         storage=storage))}
+    assert 2 <= len(before) < 6
+
+    sweep(tmp_path, tiny_backbone, *overrides)
+    study = optuna.load_study(study_name="test_study", storage=storage)
+    after = {t.number: (t.state, t.value, t.params) for t in finished(study)}
+    assert len(after) == 6
+    assert {n: after[n] for n in before} == before  # nothing finished was lost or redone
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def run_workers(tmp_path, tiny_backbone, storage, n_trials, workers=2):
+    overrides = search(tmp_path, storage, n_trials, study="parallel")
+    processes = [subprocess.Popen(command(tmp_path, tiny_backbone, *overrides), cwd=PROJECT_ROOT,
+                                  env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(workers)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+    study = optuna.load_study(study_name="parallel", storage=make_storage(storage))
+    done = finished(study)
+    assert len(done) == n_trials
+    assert len({t.number for t in done}) == n_trials
+    workers_seen = {t.user_attrs["worker"] for t in done}
+    assert len(workers_seen) == workers, workers_seen  # both did share the work
+    runs = all_runs(tmp_path)
+    trial_runs = runs[(runs["tags.optuna.study"] == "parallel") & runs["tags.optuna.trial"].notna()]
+    assert sorted(trial_runs["tags.optuna.trial"].astype(int)) == sorted(t.number for t in done)
+
+
+def test_two_workers_share_a_study_on_the_journal_storage(tmp_path, tiny_backbone):
+    run_workers(tmp_path, tiny_backbone, f"journal://{tmp_path}/optuna.log", n_trials=6)
+
+
+@pytest.fixture
+def postgres_url():
+    psycopg = pytest.importorskip("psycopg")
+    name = f"flowers_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
+    admin.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()
+
+
+def test_two_workers_share_a_study_on_postgresql(tmp_path, tiny_backbone, postgres_url):
+    run_workers(tmp_path, tiny_backbone, postgres_url, n_trials=6)
