@@ -19,6 +19,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import UserError
+from src.track import retry_on_race
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -52,9 +53,10 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
 def load_study(cfg: DictConfig) -> optuna.Study:
     """The study named in the sweeper config `cfg`, created on first use and resumed after that."""
     try:
-        return optuna.create_study(study_name=cfg.study_name, storage=make_storage(cfg.storage),
-                                   sampler=make_sampler(cfg.sampler), pruner=make_pruner(cfg.pruner),
-                                   direction=cfg.direction, load_if_exists=True)
+        sampler, pruner = make_sampler(cfg.sampler), make_pruner(cfg.pruner)
+        return retry_on_race(lambda: optuna.create_study(
+            study_name=cfg.study_name, storage=make_storage(cfg.storage), sampler=sampler, pruner=pruner,
+            direction=cfg.direction, load_if_exists=True))
     except (AttributeError, TypeError, ValueError) as error:
         raise UserError(f"hparams_search: cannot create study {cfg.study_name!r}: {error}") from None
 

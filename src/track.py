@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import time
 from urllib.parse import urlparse
 
 import keras
 import mlflow
 import tensorflow as tf
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
+from sqlalchemy.exc import SQLAlchemyError
 
 from src.config import PROJECT_ROOT
 
@@ -18,9 +21,25 @@ EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy",
                  "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
 
 
+def retry_on_race(create, attempts: int = 3):
+    """Workers that start together on a fresh store race to create its tables, study or experiment; the
+    losers see an error from the database. Trying again finds what the winner created."""
+    for attempt in range(attempts):
+        try:
+            return create()
+        except (MlflowException, SQLAlchemyError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id."""
     mlflow.set_tracking_uri(cfg.uri)
+    return retry_on_race(lambda: _experiment_id(cfg))
+
+
+def _experiment_id(cfg: DictConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is not None:
         return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
