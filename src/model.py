@@ -21,8 +21,11 @@ def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
     return keras.Sequential(steps, name="augmentation")
 
 
-def build_head(num_classes: int, dropout: float) -> keras.Sequential:
-    return keras.Sequential([layers.Dropout(dropout), layers.Dense(num_classes, activation="softmax")], name="head")
+def build_head(num_classes: int, cfg: DictConfig) -> keras.Sequential:
+    """[unit-normalise features] -> dropout -> dense softmax."""
+    normalize = [layers.UnitNormalization()] if cfg.normalize_features else []
+    return keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes, activation="softmax")],
+                            name="head")
 
 
 def _resized_and_scaled(input_size):
@@ -38,7 +41,7 @@ def build_model(backbone: keras.layers.Layer, input_size, num_classes: int, cfg:
     if cfg.augmentation.enabled:
         x = build_augmentation(cfg.augmentation, seed)(x)
     features = backbone(x)
-    probabilities = (head or build_head(num_classes, cfg.dropout))(features)
+    probabilities = (head or build_head(num_classes, cfg))(features)
     return keras.Model(images, probabilities, name="flower_classifier")
 
 

@@ -81,7 +81,7 @@ def _train_and_log(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks)
     if features.applies(cfg):
         mlflow.set_tag("feature_cache", "true")
         cached = _cached_features(cfg, splits, backbone)
-        head = build_head(num_classes, cfg.model.dropout)
+        head = build_head(num_classes, cfg.model)
         head.build((None, cached["train"][0].shape[1]))
         compile_model(head, cfg)
         history = fit(head, _feature_batches(cached["train"], cfg.batch_size, cfg.seed),

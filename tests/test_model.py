@@ -43,6 +43,12 @@ def test_augmentation_can_be_switched_off(tiny_backbone, images):
     np.testing.assert_allclose(model(images, training=True), model(images, training=False), rtol=1e-6)
 
 
+def test_the_head_can_unit_normalize_the_features(tiny_backbone):
+    model = make_model(tiny_backbone, "model.normalize_features=true")
+    kinds = [type(layer).__name__ for layer in model.get_layer("head").layers]
+    assert kinds == ["UnitNormalization", "Dropout", "Dense"]
+
+
 def test_augmentation_layers_follow_the_config(tiny_backbone):
     model = make_model(tiny_backbone, "model.augmentation.zoom=0", "model.augmentation.horizontal_flip=false")
     kinds = [type(layer).__name__ for layer in model.get_layer("augmentation").layers]

@@ -84,7 +84,7 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_backbone)
 
 
 SEARCH = ["hparams_search=mobilenet_v2", "epochs=4", "model.augmentation.enabled=false",
-          "hydra.sweeper.params.lr.low=0.003", "hydra.sweeper.params.lr.high=0.3",
+          "hydra.sweeper.params.lr.low=0.003", "hydra.sweeper.params.lr.high=0.3", "model.normalize_features=false",
           # Prune any trial still below 0.3 val accuracy (chance is 0.25) at its second epoch.
           "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.name=ThresholdPruner",
           "+hydra.sweeper.pruner.lower=0.3", "hydra.sweeper.pruner.n_warmup_steps=2"]
