@@ -77,10 +77,12 @@ def _train_and_log(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks)
     size, num_classes = tuple(cfg.backbone.input_size), len(splits.class_names)
     callbacks = [track.EpochMetrics(), *callbacks]
 
+    use_cache = features.applies(cfg)
+    mlflow.set_tag("feature_cache", str(use_cache).lower())
     start = time.perf_counter()
-    if features.applies(cfg):
-        mlflow.set_tag("feature_cache", "true")
+    if use_cache:
         cached = _cached_features(cfg, splits, backbone)
+        mlflow.log_metric("time/features_s", time.perf_counter() - start)  # ~0 once the cache holds them
         head = build_head(num_classes, cfg.model)
         head.build((None, cached["train"][0].shape[1]))
         compile_model(head, cfg)

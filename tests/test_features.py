@@ -74,4 +74,5 @@ def test_a_head_trained_on_cached_features_matches_end_to_end_training(synthetic
     run_job(cfg, tmp_path / "again")
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache" / "features").iterdir())] == mtimes
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert sorted(r.data.tags.get("feature_cache", "false") for r in runs) == ["false", "true", "true"]
+    assert sorted(r.data.tags["feature_cache"] for r in runs) == ["false", "true", "true"]
+    assert all(("time/features_s" in r.data.metrics) == (r.data.tags["feature_cache"] == "true") for r in runs)
