@@ -38,8 +38,8 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(f"error: {error}")
 
     # A job of a sweep: its MLflow run is a child of the sweep's run, and a failure does not stop the sweep.
-    callbacks = [] if cfg.get("optuna_trial") is None else [PruningCallback(hydra_cfg.sweeper, cfg.optuna_trial)]
     try:
+        callbacks = [] if cfg.get("optuna_trial") is None else [PruningCallback(hydra_cfg.sweeper, cfg.optuna_trial)]
         return run_job(cfg, output_dir, parent_run_id=os.environ.get(SWEEP_RUN_ENV), callbacks=callbacks)[
             "val/accuracy_best"]
     except optuna.TrialPruned:

@@ -103,7 +103,8 @@ def main() -> None:
     ratio = statistics.mean(pairs["ratio"])
     print(f"per-trial time ratio uncached/cached: {ratio:.1f}x (mean); "
           f"max val accuracy difference {pairs['val_diff_points'].max():.2f} points")
-    print(f"projected uncached 20-trial search at this ratio: {search['seconds'].iloc[1:].mean() * ratio * 20 / 60:.0f} min "
+    print(f"projected uncached {args.trials}-trial search at this ratio: "
+          f"{search['seconds'].iloc[1:].mean() * ratio * args.trials / 60:.0f} min "
           f"(cached: {search_seconds / 60:.1f} min measured)")
 
     if not args.skip_default:

@@ -6,6 +6,7 @@ for training, evaluation and the exported serving signature alike, so the three 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 from dataclasses import dataclass
@@ -139,9 +140,12 @@ def _list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], np
 
 
 def _folder_version(root: Path) -> str:
-    """A cheap fingerprint of the folder: number of files and newest modification time."""
-    stats = [p.stat() for p in root.rglob("*") if p.is_file()]
-    return f"{len(stats)}files@{max((s.st_mtime_ns for s in stats), default=0)}"
+    """A fingerprint of the folder that changes when a file is added, removed, moved, renamed or rewritten."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # --- synthetic ------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ class Evaluation:
     confusion: np.ndarray  # rows: true class, columns: predicted class
 
 
-def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str], loss: keras.losses.Loss,
-             prefix: str = "test") -> Evaluation:
+def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str],
+             loss: keras.losses.Loss) -> Evaluation:
     """One pass over `batches` of (model inputs, int labels): images, or cached features for a head."""
     probabilities, labels = [], []
     for inputs, batch_labels in batches:
@@ -36,7 +36,7 @@ def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str
                               "images": confusion.sum(axis=1), "correct": np.diag(confusion)})
     per_class["accuracy"] = per_class["correct"] / per_class["images"].where(per_class["images"] > 0)
 
-    metrics = {f"{prefix}/accuracy": float((predicted == labels).mean()),
-               f"{prefix}/top5_accuracy": float((top5 == labels[:, None]).any(axis=1).mean()),
-               f"{prefix}/loss": loss_value}
+    metrics = {"test/accuracy": float((predicted == labels).mean()),
+               "test/top5_accuracy": float((top5 == labels[:, None]).any(axis=1).mean()),
+               "test/loss": loss_value}
     return Evaluation(metrics, per_class, confusion)

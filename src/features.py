@@ -29,11 +29,9 @@ def applies(cfg) -> bool:
     return bool(cfg.trainer.feature_cache) and not cfg.backbone.trainable and not cfg.model.augmentation.enabled
 
 
-def files_digest(handle: str) -> str:
-    """SHA-256 over a local SavedModel's files (names and contents); a URL handle is pinned by its version."""
-    root = Path(handle)
-    if not root.is_dir():
-        return handle
+def files_digest(root: str) -> str:
+    """SHA-256 over a SavedModel folder's files, names and contents."""
+    root = Path(root)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode())
@@ -41,10 +39,11 @@ def files_digest(handle: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(backbone_handle: str, input_size, dataset: str, version: str, split: str) -> str:
-    fields = {"backbone": backbone_handle, "backbone_files": files_digest(backbone_handle),
-              "input_size": list(input_size), "dataset": dataset, "version": version, "split": split,
-              "preprocessing": PREPROCESSING}
+def cache_key(backbone_path: str, backbone_files: str, input_size, dataset: str, version: str, split: str) -> str:
+    """`backbone_files` is `files_digest(backbone_path)`, computed once per job."""
+    fields = {"backbone": backbone_path, "backbone_files": backbone_files, "input_size": list(input_size),
+              "dataset": dataset, "version": version, "split": split, "preprocessing": PREPROCESSING,
+              "tensorflow": tf.__version__}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

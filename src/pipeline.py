@@ -22,7 +22,7 @@ from src.data import SPLITS, Splits, load_splits, make_batches
 from src.evaluate import evaluate
 from src.export import export_saved_model, log_pyfunc_model
 from src.model import build_feature_extractor, build_head, build_model
-from src.train import compile_model, fit, make_loss
+from src.train import compile_model, fit, make_loss, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Inputs:
 def prepare(cfg: DictConfig) -> Inputs:
     """Everything that fails on bad input: config values, the dataset, the backbone."""
     validate(cfg)
+    make_optimizer(cfg)
     return Inputs(load_splits(cfg.data), load_backbone(cfg.backbone))
 
 
@@ -60,9 +61,9 @@ def _mlflow_run(cfg: DictConfig, parent_run_id: str | None):
     name = track.run_name(cfg)
     with mlflow.start_run(run_name=name, parent_run_id=parent_run_id) as run:
         log.info("MLflow run %s (%s) in %s", name, run.info.run_id, cfg.tracking.uri)
-        mlflow.log_params(flatten(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         try:
+            mlflow.log_params(flatten(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             yield run
         except BaseException as error:  # say why the run ended: FAILED, or KILLED when stopped on purpose
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
@@ -139,10 +140,11 @@ def _cached_features(cfg: DictConfig, splits: Splits, backbone: HubFeatureVector
     """(features, labels) per split, from the cache or extracted into it."""
     size = tuple(cfg.backbone.input_size)
     extractor = build_feature_extractor(backbone, size)
+    backbone_files = features.files_digest(backbone.module_path)
     cached = {}
     for split in SPLITS:
         split_spec = OmegaConf.select(cfg.data, f"splits.{split}", default=split)
-        key = features.cache_key(backbone.module_path, size, splits.name, splits.version, split_spec)
+        key = features.cache_key(backbone.module_path, backbone_files, size, splits.name, splits.version, split_spec)
         batches = make_batches(getattr(splits, split), size, cfg.batch_size)
         cached[split] = features.load_or_extract(extractor, batches, Path(cfg.paths.cache_dir) / "features" / f"{key}.npz")
     return cached

@@ -38,20 +38,28 @@ def make_storage(url: str | None):
     return optuna.storages.RDBStorage(url)
 
 
-def make_sampler(cfg: DictConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: DictConfig, trial_number: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; a `seed` is offset by the trial number, so that each trial draws from its own
+    stream: reproducible for one worker, yet distinct across parallel workers and re-runs of a study."""
     options = OmegaConf.to_container(cfg)
-    name = options.pop("name")
-    return getattr(optuna.samplers, name)(**options)
+    if options.get("seed") is not None:
+        options["seed"] += trial_number
+    return _instance(optuna.samplers, options)
 
 
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
-    options = OmegaConf.to_container(cfg)
+    return _instance(optuna.pruners, OmegaConf.to_container(cfg))
+
+
+def _instance(module, options: dict):
     name = options.pop("name")
-    return getattr(optuna.pruners, name)(**options)
+    return getattr(module, name)(**options)
 
 
 def load_study(cfg: DictConfig) -> optuna.Study:
     """The study named in the sweeper config `cfg`, created on first use and resumed after that."""
+    if not cfg.storage:
+        raise UserError("hparams_search: set hydra.sweeper.storage, e.g. sqlite:///optuna.db; trials report to it")
     try:
         sampler, pruner = make_sampler(cfg.sampler), make_pruner(cfg.pruner)
         return retry_on_race(lambda: optuna.create_study(
@@ -74,15 +82,17 @@ def suggest(trial: optuna.Trial, space: DictConfig) -> dict:
     return values
 
 
-def next_trial(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
+def next_trial(study: optuna.Study, n_trials: int, sampler_cfg: DictConfig) -> optuna.Trial | None:
     """A new trial while fewer than `n_trials` are finished or running, counted across all workers.
 
     Two workers may ask at the same moment; the trial numbers decide which one runs. A trial asked beyond
-    `n_trials` is told FAIL at once, with the reason as a user attribute, and never runs."""
+    `n_trials` is told FAIL at once, with the reason as a user attribute, and never runs. The trial's values
+    come from a sampler seeded for its number (see `make_sampler`)."""
     if _counted(study) >= n_trials:
         return None
     trial = study.ask()
     trial.set_user_attr("worker", _worker())
+    study.sampler = make_sampler(sampler_cfg, trial.number)
     counted = sorted(t.number for t in study.get_trials(deepcopy=False) if t.state in (*FINISHED, RUNNING))
     if trial.number not in counted[:n_trials]:
         trial.set_user_attr("not_run", f"n_trials={n_trials} reached by other workers")
@@ -101,15 +111,27 @@ def _worker() -> str:
 
 def fail_abandoned_trials(study: optuna.Study) -> list[int]:
     """Trials left RUNNING by a process of this host that no longer exists (e.g. killed with SIGKILL) -> FAIL,
-    so that a re-run does not count them. Their finished siblings are kept."""
+    so that they do not count towards n_trials; their MLflow runs -> KILLED. Finished trials are kept."""
     host = socket.gethostname()
     abandoned = []
     for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
         worker_host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
         if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             abandoned.append(trial.number)
+            _end_mlflow_runs(study.study_name, trial.number)
     return abandoned
+
+
+def _end_mlflow_runs(study_name: str, trial_number: int) -> None:
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{trial_number}' "
+        "and attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_tag(run.info.run_id, "error", "abandoned: its worker process died")
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _alive(pid: int) -> bool:
@@ -127,11 +149,12 @@ class PruningCallback(keras.callbacks.Callback):
 
     def __init__(self, sweeper_cfg: DictConfig, trial_number: int):
         super().__init__()
-        study = optuna.load_study(study_name=sweeper_cfg.study_name, storage=make_storage(sweeper_cfg.storage),
+        # Optuna's Trial constructor wants the storage's trial id, not the number the sweeper passed on.
+        storage = make_storage(sweeper_cfg.storage)
+        study = optuna.load_study(study_name=sweeper_cfg.study_name, storage=storage,
                                   pruner=make_pruner(sweeper_cfg.pruner))
-        # Optuna's public Trial constructor wants the storage's trial id, not the number the sweeper passed on.
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
-        self.trial = optuna.Trial(study, trial_id)
+        study_id = storage.get_study_id_from_name(sweeper_cfg.study_name)
+        self.trial = optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number))
         self.study_name = sweeper_cfg.study_name
 
     def on_train_begin(self, logs=None):

@@ -50,8 +50,8 @@ class MlflowSweepCallback(Callback):
         if run_id is None:
             return
         table = summarize(run_id)
-        failed = int((table["status"] == "FAILED").sum()) if len(table) else 0
-        log.info("sweep %s: %d jobs, %d failed; summary logged to the sweep run", run_id, len(table), failed)
+        log.info("sweep %s: %d jobs, %d failed; summary logged to the sweep run", run_id, len(table),
+                 (table["status"] == "FAILED").sum())
         mlflow.MlflowClient().set_terminated(run_id)
 
 

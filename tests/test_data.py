@@ -82,6 +82,14 @@ def test_image_folder_rejects_a_non_image_file_by_name(tmp_path, name, content):
         load_splits(image_folder_cfg(root))
 
 
+def test_image_folder_version_changes_when_an_image_moves_to_another_class(tmp_path):
+    root = make_image_folder(tmp_path)
+    before = load_splits(image_folder_cfg(root)).version
+    assert load_splits(image_folder_cfg(root)).version == before
+    (root / "train" / "daisy" / "0.jpeg").rename(root / "train" / "rose" / "9.jpeg")
+    assert load_splits(image_folder_cfg(root)).version != before
+
+
 def test_image_folder_errors_name_the_missing_folder(tmp_path):
     with pytest.raises(UserError, match=r"does not exist; lay out images as .*/<split>/<class>/\*\.jpg"):
         load_splits(image_folder_cfg(tmp_path / "nowhere"))

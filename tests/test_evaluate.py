@@ -38,6 +38,6 @@ def test_metrics_per_class_accuracy_and_confusion_matrix():
 
 def test_a_class_without_test_images_has_no_accuracy_rather_than_zero():
     result = evaluate(constant_model(np.array([0.6, 0.3, 0.1])), batches([0, 1]), list("abc"),
-                      keras.losses.CategoricalCrossentropy(), prefix="val")
-    assert set(result.metrics) == {"val/accuracy", "val/top5_accuracy", "val/loss"}
+                      keras.losses.CategoricalCrossentropy())
+    assert set(result.metrics) == {"test/accuracy", "test/top5_accuracy", "test/loss"}
     assert np.isnan(result.per_class["accuracy"][2])

@@ -54,14 +54,24 @@ class OptunaSweeper(Sweeper):
         if any(o.is_sweep_override() for o in fixed):
             raise ValueError("hparams_search: put searched values in the search space, not on the command line")
         study = search.load_study(self.cfg)
-        abandoned = search.fail_abandoned_trials(study)
-        if abandoned:
-            log.info("trials %s were left running by a killed process: marked FAIL", abandoned)
         log.info("study %s in %s: %d of %d trials finished or running", self.cfg.study_name, self.cfg.storage,
                  search._counted(study), self.cfg.n_trials)
+        try:
+            return self._run_trials(study, arguments)
+        finally:
+            search.log_study(study)
+
+    def _run_trials(self, study: optuna.Study, arguments: List[str]) -> List[Any]:
+        from src import search
 
         returns, failures = [], 0
-        while (trial := search.next_trial(study, self.cfg.n_trials)) is not None:
+        while True:
+            abandoned = search.fail_abandoned_trials(study)
+            if abandoned:
+                log.info("trials %s were left running by a killed process: marked FAIL", abandoned)
+            trial = search.next_trial(study, self.cfg.n_trials, self.cfg.sampler)
+            if trial is None:
+                return returns
             values = search.suggest(trial, self.cfg.params)
             overrides = [*arguments, *(f"{name}={_override(value)}" for name, value in values.items()),
                          f"+optuna_trial={trial.number}"]
@@ -73,8 +83,6 @@ class OptunaSweeper(Sweeper):
             if failures >= self.cfg.max_failures_in_a_row:
                 raise RuntimeError(f"{failures} trials in a row failed; see the job logs in {self.config.hydra.sweep.dir}")
             returns.append(job)
-        search.log_study(study)
-        return returns
 
 
 def _override(value: Any) -> str:
@@ -82,7 +90,8 @@ def _override(value: Any) -> str:
 
 
 def _outcome(job) -> tuple[optuna.trial.TrialState, Optional[float]]:
-    """COMPLETE with the objective, PRUNED (the job raised TrialPruned), or FAIL."""
+    """COMPLETE with the objective, PRUNED (the job raised TrialPruned), or FAIL. Hydra keeps a failed job's
+    exception in `_return_value` (its `return_value` property re-raises it)."""
     if isinstance(job._return_value, optuna.TrialPruned):
         return optuna.trial.TrialState.PRUNED, None
     if isinstance(job._return_value, float):
