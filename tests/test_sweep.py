@@ -71,6 +71,15 @@ def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_p
     assert parent_run.info.status == "FINISHED"
 
 
+def test_the_joblib_launcher_runs_jobs_in_worker_processes_under_the_same_parent(tmp_path, tiny_backbone):
+    sweep(tmp_path, tiny_backbone, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.01,0.05", "epochs=1",
+          "model.augmentation.enabled=false")
+    runs = all_runs(tmp_path)
+    [parent] = sweep_runs(runs).itertuples()
+    jobs = children(runs, parent.run_id)
+    assert sorted(jobs["params.lr"]) == ["0.01", "0.05"] and set(jobs["status"]) == {"FINISHED"}
+
+
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_backbone):
     result = sweep(tmp_path, tiny_backbone, "lr=-1,0.05", "epochs=1", "model.augmentation.enabled=false")
     runs = all_runs(tmp_path)
