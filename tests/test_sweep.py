@@ -49,22 +49,27 @@ def children(runs: pd.DataFrame, parent_id: str) -> pd.DataFrame:
     return runs[runs["tags.mlflow.parentRunId"] == parent_id]
 
 
-def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_path, tiny_backbone):
-    sweep(tmp_path, tiny_backbone, "lr=0.01,0.05", "batch_size=16,32", "model.dropout=0.1,0.3", "epochs=1",
-          "model.augmentation.enabled=false")
+def sweep_jobs(tmp_path, tiny_backbone, *overrides):
+    """Run one sweep; return its output, the parent run id and the child runs."""
+    result = sweep(tmp_path, tiny_backbone, *overrides)
     runs = all_runs(tmp_path)
     [parent] = sweep_runs(runs).itertuples()
-    jobs = children(runs, parent.run_id)
+    return result, parent.run_id, children(runs, parent.run_id)
+
+
+def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_path, tiny_backbone):
+    _, parent_id, jobs = sweep_jobs(tmp_path, tiny_backbone, "lr=0.01,0.05", "batch_size=16,32",
+                                    "model.dropout=0.1,0.3", "epochs=1", "model.augmentation.enabled=false")
     assert len(jobs) == 8 and set(jobs["status"]) == {"FINISHED"}
     combos = set(zip(jobs["params.lr"], jobs["params.batch_size"], jobs["params.model.dropout"]))
     assert len(combos) == 8
     client = mlflow.MlflowClient()
-    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.run_id, artifact_path="summary.csv"))
+    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="summary.csv"))
     assert len(summary) == 8 and summary["val/accuracy_best"].is_monotonic_decreasing
-    assert {a.path for a in client.list_artifacts(parent.run_id)} == {"summary.csv", "summary.md"}
+    assert {a.path for a in client.list_artifacts(parent_id)} == {"summary.csv", "summary.md"}
     best = jobs.sort_values(["metrics.val/accuracy_best", "metrics.val/loss_at_best"],
                             ascending=[False, True]).iloc[0]
-    parent_run = client.get_run(parent.run_id)
+    parent_run = client.get_run(parent_id)
     assert parent_run.data.tags["best_run_id"] == best["run_id"] == summary["run_id"][0]
     assert parent_run.data.metrics["best/val/accuracy_best"] == best["metrics.val/accuracy_best"]
     assert parent_run.data.metrics["best/test/accuracy"] == best["metrics.test/accuracy"]
@@ -72,23 +77,19 @@ def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_p
 
 
 def test_the_joblib_launcher_runs_jobs_in_worker_processes_under_the_same_parent(tmp_path, tiny_backbone):
-    sweep(tmp_path, tiny_backbone, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.01,0.05", "epochs=1",
-          "model.augmentation.enabled=false")
-    runs = all_runs(tmp_path)
-    [parent] = sweep_runs(runs).itertuples()
-    jobs = children(runs, parent.run_id)
+    _, _, jobs = sweep_jobs(tmp_path, tiny_backbone, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                            "lr=0.01,0.05", "epochs=1", "model.augmentation.enabled=false")
     assert sorted(jobs["params.lr"]) == ["0.01", "0.05"] and set(jobs["status"]) == {"FINISHED"}
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_backbone):
-    result = sweep(tmp_path, tiny_backbone, "lr=-1,0.05", "epochs=1", "model.augmentation.enabled=false")
-    runs = all_runs(tmp_path)
-    [parent] = sweep_runs(runs).itertuples()
-    jobs = children(runs, parent.run_id).set_index("params.lr")
+    result, parent_id, jobs = sweep_jobs(tmp_path, tiny_backbone, "lr=-1,0.05", "epochs=1",
+                                         "model.augmentation.enabled=false")
+    jobs = jobs.set_index("params.lr")
     assert jobs.loc["-1", "status"] == "FAILED"
     assert jobs.loc["-1", "tags.error"].startswith("UserError: lr=-1 is invalid")
     assert jobs.loc["0.05", "status"] == "FINISHED"
-    assert mlflow.MlflowClient().get_run(parent.run_id).data.metrics["jobs_failed"] == 1
+    assert mlflow.MlflowClient().get_run(parent_id).data.metrics["jobs_failed"] == 1
     assert "lr=-1 is invalid" in result.stdout + result.stderr
 
 
