@@ -46,13 +46,18 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow sweep run %s in %s", run.info.run_id, config.tracking.uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        run_id = os.environ.pop(SWEEP_RUN_ENV, None)
-        if run_id is None:
-            return
-        table = summarize(run_id)
-        log.info("sweep %s: %d jobs, %d failed; summary logged to the sweep run", run_id, len(table),
-                 (table["status"] == "FAILED").sum())
-        mlflow.MlflowClient().set_terminated(run_id)
+        end_sweep("FINISHED")
+
+
+def end_sweep(status: str) -> None:
+    """Summarise the sweep's run, whose id on_multirun_start left in the environment, and end it."""
+    run_id = os.environ.pop(SWEEP_RUN_ENV, None)
+    if run_id is None:
+        return
+    table = summarize(run_id)
+    log.info("sweep %s: %d jobs, %d failed; summary logged to the sweep run", run_id, len(table),
+             (table["status"] == "FAILED").sum())
+    mlflow.MlflowClient().set_terminated(run_id, status)
 
 
 def job_table(parent_run_id: str) -> pd.DataFrame:

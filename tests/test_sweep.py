@@ -141,6 +141,19 @@ def test_optuna_search_prunes_and_records_every_trial(tmp_path, tiny_backbone):
     assert artifacts == {"optuna/optimization_history.png", "optuna/param_importances.png"}
 
 
+def test_a_search_whose_trials_keep_failing_stops_and_ends_its_sweep_run_failed(tmp_path, tiny_backbone):
+    overrides = search(tmp_path, f"sqlite:///{tmp_path}/optuna.db", 6)
+    result = subprocess.run(command(tmp_path, tiny_backbone, *overrides, "epochs=0"), cwd=PROJECT_ROOT,
+                            env=environment(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "3 trials in a row failed" in result.stderr
+    runs = all_runs(tmp_path)
+    [parent] = sweep_runs(runs).itertuples()
+    jobs = children(runs, parent.run_id)
+    assert len(jobs) == 3 and set(jobs["status"]) == {"FAILED"}
+    parent_run = mlflow.MlflowClient().get_run(parent.run_id)
+    assert parent_run.info.status == "FAILED" and parent_run.data.metrics["jobs_failed"] == 3
+
+
 def test_rerunning_resumes_the_study_after_sigkill(tmp_path, tiny_backbone):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     overrides = search(tmp_path, storage, 6)

@@ -49,6 +49,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> List[Any]:
         from src import search
+        from src.sweep import end_sweep
 
         fixed = OverridesParser.create().parse_overrides(arguments)
         if any(o.is_sweep_override() for o in fixed):
@@ -57,9 +58,13 @@ class OptunaSweeper(Sweeper):
         log.info("study %s in %s: %d of %d trials finished or running", self.cfg.study_name, self.cfg.storage,
                  search._counted(study), self.cfg.n_trials)
         try:
-            return self._run_trials(study, arguments)
-        finally:
+            returns = self._run_trials(study, arguments)
+        except BaseException:
             search.log_study(study)
+            end_sweep("FAILED")  # Hydra calls on_multirun_end only after a sweep that returns
+            raise
+        search.log_study(study)
+        return returns
 
     def _run_trials(self, study: optuna.Study, arguments: List[str]) -> List[Any]:
         from src import search
