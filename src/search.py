@@ -88,21 +88,21 @@ def next_trial(study: optuna.Study, n_trials: int, sampler_cfg: DictConfig) -> o
     Two workers may ask at the same moment; the trial numbers decide which one runs. A trial asked beyond
     `n_trials` is told FAIL at once, with the reason as a user attribute, and never runs. The trial's values
     come from a sampler seeded for its number (see `make_sampler`)."""
-    if _counted(study) >= n_trials:
+    if len(counted_trials(study)) >= n_trials:
         return None
     trial = study.ask()
     trial.set_user_attr("worker", _worker())
     study.sampler = make_sampler(sampler_cfg, trial.number)
-    counted = sorted(t.number for t in study.get_trials(deepcopy=False) if t.state in (*FINISHED, RUNNING))
-    if trial.number not in counted[:n_trials]:
+    if trial.number not in sorted(t.number for t in counted_trials(study))[:n_trials]:
         trial.set_user_attr("not_run", f"n_trials={n_trials} reached by other workers")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return None
     return trial
 
 
-def _counted(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING)))
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that `n_trials` counts: finished or running, in any worker."""
+    return study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING))
 
 
 def _worker() -> str:

@@ -56,7 +56,7 @@ class OptunaSweeper(Sweeper):
             raise ValueError("hparams_search: put searched values in the search space, not on the command line")
         study = search.load_study(self.cfg)
         log.info("study %s in %s: %d of %d trials finished or running", self.cfg.study_name, self.cfg.storage,
-                 search._counted(study), self.cfg.n_trials)
+                 len(search.counted_trials(study)), self.cfg.n_trials)
         try:
             returns = self._run_trials(study, arguments)
         except BaseException:
