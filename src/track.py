@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import platform
 import subprocess
 import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlparse
 
 import keras
@@ -12,6 +16,7 @@ import mlflow
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
+import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
 from src.config import PROJECT_ROOT
@@ -33,9 +38,35 @@ def retry_on_race(create, attempts: int = 3):
             time.sleep(1 + attempt)
 
 
+@contextmanager
+def store_lock(uri: str):
+    """Hold a lock that every process opening this database store takes. MLflow creates and migrates a
+    fresh database's tables when a process first opens it. Two processes doing that at once corrupt an
+    SQLite file for good ("table _alembic_tmp_tags already exists") and fail on PostgreSQL ("duplicate
+    key value violates unique constraint"). A file lock serialises SQLite, an advisory lock PostgreSQL."""
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite" and uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    elif scheme.startswith("postgresql"):
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as connection:  # the lock is released when this session ends
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                               {"key": zlib.crc32(b"mlflow-store-init")})
+            yield
+        engine.dispose()
+    else:
+        yield
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id."""
     mlflow.set_tracking_uri(cfg.uri)
+    with store_lock(cfg.uri):
+        mlflow.MlflowClient().search_experiments(max_results=1)  # opens (and if new, creates) the store once
     return retry_on_race(lambda: _experiment_id(cfg))
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: Hydra composition, a tiny backbone, a throw-away MLflow store, the offline data."""
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,20 @@ def offline_backbones_dir() -> Path:
     if not OFFLINE_BACKBONES.is_dir():
         pytest.skip(f"no offline backbones at {OFFLINE_BACKBONES}")
     return OFFLINE_BACKBONES
+
+
+@pytest.fixture
+def postgres_url():
+    psycopg = pytest.importorskip("psycopg")
+    name = f"flowers_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
+    admin.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()
 
 
 def pytest_configure(config):

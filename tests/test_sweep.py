@@ -206,19 +206,5 @@ def test_two_workers_share_a_study_on_the_journal_storage(tmp_path, tiny_backbon
     run_workers(tmp_path, tiny_backbone, f"journal://{tmp_path}/optuna.log", n_trials=6)
 
 
-@pytest.fixture
-def postgres_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"flowers_test_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
-    admin.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
-
-
 def test_two_workers_share_a_study_on_postgresql(tmp_path, tiny_backbone, postgres_url):
     run_workers(tmp_path, tiny_backbone, postgres_url, n_trials=6)

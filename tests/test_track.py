@@ -1,8 +1,13 @@
+import subprocess
+import sys
+
 import keras
 import mlflow
 import numpy as np
+import pytest
 
 from src import track
+from src.config import PROJECT_ROOT
 from tests.conftest import compose_config
 
 
@@ -13,6 +18,40 @@ def test_setup_creates_the_experiment_with_a_local_artifact_location(tracking_ur
     assert experiment.name == "exp-a" and experiment.artifact_location.endswith(f"{tmp_path}/art")
     assert track.setup(cfg) == experiment_id  # found, not created twice
     assert mlflow.get_tracking_uri() == tracking_uri
+
+
+# Each process waits until all have imported, then opens the fresh store at once.
+OPEN_STORE_TOGETHER = """
+import sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+from src import track
+uri, barrier, workers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+(barrier / str(time.time_ns())).touch()
+while len(list(barrier.iterdir())) < workers:
+    time.sleep(0.01)
+track.setup(OmegaConf.create({"uri": uri, "experiment_name": "race", "artifact_location": str(barrier.parent)}))
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_store(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/mlflow.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_processes_that_open_a_fresh_store_together_all_succeed_and_leave_it_usable(fresh_store, tmp_path):
+    workers = 4
+    (tmp_path / "barrier").mkdir()
+    processes = [subprocess.Popen([sys.executable, "-c", OPEN_STORE_TOGETHER, fresh_store, str(tmp_path / "barrier"),
+                                   str(workers)], cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
+                 for _ in range(workers)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * workers, "\n".join(e[-1500:] for e in errors)
+    client = mlflow.MlflowClient(tracking_uri=fresh_store)
+    assert [e.name for e in client.search_experiments(filter_string="name = 'race'")] == ["race"]
+    client.create_run(client.get_experiment_by_name("race").experiment_id)
 
 
 def test_run_name_says_backbone_lr_and_batch_size():
