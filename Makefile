@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install test train clean
+.PHONY: install test train register-best clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -18,6 +18,9 @@ test: install  ## the whole test suite
 
 train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2_100_224 lr=3e-4"
 	$(PYTHON) train.py $(ARGS)
+
+register-best: install  ## register the best run as models:/flowers@champion; e.g. ARGS="--sweep <parent run id>"
+	$(PYTHON) scripts/register_best.py $(ARGS)
 
 clean:  ## remove run outputs (not the MLflow store)
 	rm -rf outputs .pytest_cache

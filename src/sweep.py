@@ -17,13 +17,12 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from src import track
+from src import register, track
+from src.track import SELECT_BY, TIE_BREAK
 
 log = logging.getLogger(__name__)
 
 SWEEP_RUN_ENV = "FLOWERS_SWEEP_RUN_ID"
-SELECT_BY = "val/accuracy_best"
-TIE_BREAK = "val/loss_at_best"  # lower is better
 COLUMNS = {"tags.mlflow.runName": "run", "status": "status", "params.backbone.name": "backbone",
            "params.lr": "lr", "params.batch_size": "batch_size", "params.model.dropout": "dropout",
            "params.model.label_smoothing": "label_smoothing",
@@ -46,7 +45,12 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow sweep run %s in %s", run.info.run_id, config.tracking.uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        run_id = os.environ.get(SWEEP_RUN_ENV)
         end_sweep("FINISHED")
+        if run_id and config.registry.register_after_sweep:
+            outcome = register.register_best(mlflow.MlflowClient(), config.tracking.experiment_name,
+                                             config.registry.model_name, sweep_run_id=run_id)
+            log.info(outcome.message)
 
 
 def end_sweep(status: str) -> None:

@@ -24,6 +24,9 @@ from src.config import PROJECT_ROOT
 # Keras history keys -> the metric names shared by tracking, sweeps, registry and reports.
 EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy",
                  "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
+# Model selection, for sweeps and the registry: the best val accuracy; ties go to the lower val loss.
+SELECT_BY = "val/accuracy_best"
+TIE_BREAK = "val/loss_at_best"
 
 
 def retry_on_race(create, attempts: int = 3):

@@ -5,9 +5,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from src.config import CONF_DIR, PROJECT_ROOT
+from src.config import PROJECT_ROOT, load_config
 from tests.tiny_backbone import save_tiny_backbone
 
 SHARED = PROJECT_ROOT.parent / "shared"
@@ -15,9 +14,7 @@ OFFLINE_DATA = SHARED / "tensorflow_datasets"
 OFFLINE_BACKBONES = SHARED / "backbones"
 
 
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+compose_config = load_config
 
 
 @pytest.fixture(scope="session")

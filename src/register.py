@@ -1,0 +1,124 @@
+"""Registry: register the best run's model in the MLflow Model Registry and point the `champion` alias at it.
+
+The best run is the finished run with the highest `val/accuracy_best`; ties go to the lower `val/loss_at_best`.
+Test metrics are recorded on the model version, never used to choose it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from src.config import UserError
+from src.track import SELECT_BY, TIE_BREAK
+
+CHAMPION = "champion"
+# Run metric or tag -> model version tag.
+VERSION_METRICS = {SELECT_BY: "val_accuracy", TIE_BREAK: "val_loss", "test/accuracy": "test_accuracy",
+                   "test/top5_accuracy": "test_top5_accuracy"}
+VERSION_RUN_TAGS = {"backbone": "backbone", "dataset": "dataset", "dataset_version": "data_version",
+                    "git_commit": "git_commit"}
+
+
+@dataclass
+class Outcome:
+    version: ModelVersion   # the version of the chosen run
+    champion: ModelVersion  # the champion after this call
+    message: str
+
+
+def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: str | None = None) -> Run:
+    """The best finished run of the experiment, or of one sweep's jobs."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise UserError(f"no MLflow experiment '{experiment_name}' in {mlflow.get_tracking_uri()}; "
+                        "train first (make train) or pass --experiment")
+    where = [f"attributes.status = 'FINISHED'", f"metrics.`{SELECT_BY}` >= 0"]
+    if sweep_run_id:
+        _get_run(client, sweep_run_id)
+        where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
+    runs = client.search_runs([experiment.experiment_id], " and ".join(where), max_results=1,
+                              order_by=[f"metrics.`{SELECT_BY}` DESC", f"metrics.`{TIE_BREAK}` ASC"])
+    if not runs:
+        scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
+        raise UserError(f"no finished run with {SELECT_BY} in {scope}; train first (make train)")
+    return runs[0]
+
+
+def champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    return client.get_model_version(name, version) if version else None
+
+
+def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
+    """Register `run`'s model under `name` (once per run) and move `champion` to it if it beats the
+    current champion on validation; otherwise leave the alias where it is."""
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run.info.run_id}' and name = 'model'")
+    if not models:
+        raise UserError(f"run {run.info.run_id} has no logged model 'model'; it did not finish exporting")
+    version = _version_of(client, name, run) or mlflow.register_model(
+        f"models:/{models[0].model_id}", name, tags=_version_tags(run))
+    current = champion(client, name)
+    if current is not None and str(current.version) == str(version.version):
+        return Outcome(version, current, f"{name} version {version.version} (run {run.info.run_id}) is already "
+                                         f"the {CHAMPION}")
+    score = _score(run)
+    if current is not None:
+        current_run = _get_run(client, current.run_id)
+        if _key(run) <= _key(current_run):
+            return Outcome(version, current,
+                           f"{name} version {version.version} ({score}) does not beat the {CHAMPION}, version "
+                           f"{current.version} ({_score(current_run)}); the alias stays")
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    was = f"; it was version {current.version} ({_score(current_run)})" if current else ""
+    return Outcome(version, client.get_model_version_by_alias(name, CHAMPION),
+                   f"{name} version {version.version} ({score}) is now the {CHAMPION}{was}")
+
+
+def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str,
+                  sweep_run_id: str | None = None, run_id: str | None = None) -> Outcome:
+    run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id)
+    if SELECT_BY not in run.data.metrics or run.info.status != "FINISHED":
+        raise UserError(f"run {run.info.run_id} is {run.info.status} without {SELECT_BY}; pick a finished run")
+    return register_run(client, run, name)
+
+
+def _get_run(client: mlflow.MlflowClient, run_id: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run {run_id} in {mlflow.get_tracking_uri()}; check the run id in the MLflow UI") from None
+
+
+def _version_of(client: mlflow.MlflowClient, name: str, run: Run) -> ModelVersion | None:
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _version_tags(run: Run) -> dict[str, str]:
+    tags = {tag: repr(run.data.metrics[metric]) for metric, tag in VERSION_METRICS.items()
+            if metric in run.data.metrics}
+    tags |= {tag: run.data.tags[key] for key, tag in VERSION_RUN_TAGS.items() if key in run.data.tags}
+    return tags | {"run_id": run.info.run_id, "run_name": run.info.run_name}
+
+
+def _key(run: Run) -> tuple[float, float]:
+    """Higher is better: val accuracy, then lower val loss. A run without them ranks last."""
+    metrics = run.data.metrics
+    return metrics.get(SELECT_BY, float("-inf")), -metrics.get(TIE_BREAK, float("inf"))
+
+
+def _score(run: Run) -> str:
+    return f"val accuracy {run.data.metrics.get(SELECT_BY, float('nan')):.4f}"

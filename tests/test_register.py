@@ -1,0 +1,116 @@
+import io
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from src import register
+from src.backbone import HubFeatureVector
+from src.config import PROJECT_ROOT, UserError
+from src.export import export_saved_model, log_pyfunc_model
+from src.model import build_model
+from tests.conftest import compose_config
+
+EXPERIMENT = "flowers102"
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_backbone, tmp_path_factory):
+    model = build_model(HubFeatureVector(tiny_backbone), (32, 32), 3, compose_config().model, seed=0)
+    return export_saved_model(model, ["a", "b", "c"], (32, 32), 3, tmp_path_factory.mktemp("m") / "flowers" / "1")
+
+
+@pytest.fixture
+def log_run(saved_model, tracking_uri):
+    """A finished run with the given validation metrics and a real pyfunc model."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    mlflow.set_experiment(EXPERIMENT)
+
+    def log(val_accuracy, val_loss=1.0, parent=None, with_model=True):
+        tags = {"backbone": "tiny", "dataset": "synthetic", "dataset_version": "v1", "git_commit": "abc"}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        with mlflow.start_run(tags=tags) as run:
+            mlflow.log_metrics({"val/accuracy_best": val_accuracy, "val/loss_at_best": val_loss,
+                                "test/accuracy": val_accuracy - 0.05, "test/top5_accuracy": 0.99})
+            if with_model:
+                log_pyfunc_model(saved_model, [buffer.getvalue()])
+        return run.info.run_id
+    return log
+
+
+def test_the_best_run_by_val_accuracy_becomes_version_1_and_champion_with_its_metrics(log_run):
+    log_run(0.70)
+    best = log_run(0.80, val_loss=0.9)
+    log_run(0.80, val_loss=1.1)  # same accuracy, higher loss: loses the tie
+    outcome = register.register_best(mlflow.MlflowClient(), EXPERIMENT, "flowers")
+    assert int(outcome.version.version) == int(outcome.champion.version) == 1
+    assert outcome.champion.run_id == best and "is now the champion" in outcome.message
+    tags = outcome.champion.tags
+    assert (float(tags["val_accuracy"]), float(tags["val_loss"])) == (0.80, 0.9)
+    assert float(tags["test_accuracy"]) == pytest.approx(0.75) and float(tags["test_top5_accuracy"]) == 0.99
+    assert (tags["backbone"], tags["run_id"], tags["data_version"]) == ("tiny", best, "v1")
+    loaded = mlflow.pyfunc.load_model("models:/flowers@champion")
+    assert loaded.metadata.run_id == best
+
+
+def test_a_worse_run_is_registered_but_the_champion_stays_and_a_better_one_takes_the_alias(log_run):
+    client = mlflow.MlflowClient()
+    first = log_run(0.80)
+    register.register_best(client, EXPERIMENT, "flowers")
+    worse = log_run(0.60)
+    outcome = register.register_best(client, EXPERIMENT, "flowers", run_id=worse)
+    assert (int(outcome.version.version), int(outcome.champion.version)) == (2, 1)
+    assert "does not beat the champion" in outcome.message and "the alias stays" in outcome.message
+    equal = log_run(0.80)  # a tie on accuracy and loss does not move it either
+    assert register.register_best(client, EXPERIMENT, "flowers", run_id=equal).champion.run_id == first
+    better = log_run(0.90)
+    outcome = register.register_best(client, EXPERIMENT, "flowers")
+    assert outcome.champion.run_id == better and int(outcome.champion.version) == 4
+    assert "it was version 1" in outcome.message
+    assert client.get_model_version_by_alias("flowers", "champion").run_id == better
+
+
+def test_registering_the_same_run_again_adds_no_version(log_run):
+    client = mlflow.MlflowClient()
+    log_run(0.8)
+    register.register_best(client, EXPERIMENT, "flowers")
+    outcome = register.register_best(client, EXPERIMENT, "flowers")
+    assert "already the champion" in outcome.message
+    assert len(client.search_model_versions("name = 'flowers'")) == 1
+
+
+def test_a_sweep_scope_picks_the_best_of_that_sweeps_jobs(log_run):
+    sweep = log_run(0.0, with_model=False)
+    log_run(0.99)  # better, but not in the sweep
+    job = log_run(0.7, parent=sweep)
+    assert register.best_run(mlflow.MlflowClient(), EXPERIMENT, sweep_run_id=sweep).info.run_id == job
+
+
+def test_bad_requests_raise_one_line_errors_and_register_nothing(log_run):
+    client = mlflow.MlflowClient()
+    with pytest.raises(UserError, match="no MLflow experiment 'nope'"):
+        register.register_best(client, "nope", "flowers")
+    with pytest.raises(UserError, match="no finished run with val/accuracy_best"):
+        register.register_best(client, EXPERIMENT, "flowers")
+    with pytest.raises(UserError, match="no run 0123"):
+        register.register_best(client, EXPERIMENT, "flowers", run_id="0123")
+    without_model = log_run(0.9, with_model=False)
+    with pytest.raises(UserError, match="has no logged model"):
+        register.register_best(client, EXPERIMENT, "flowers", run_id=without_model)
+    assert client.search_registered_models() == []
+
+
+def test_the_script_prints_the_outcome_and_fails_in_one_line(log_run, tracking_uri):
+    log_run(0.8)
+    script = [sys.executable, "scripts/register_best.py"]
+    done = subprocess.run([*script, "--name", "roses"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "roses version 1 (val accuracy 0.8000) is now the champion" in done.stdout
+    failed = subprocess.run([*script, "--experiment", "nope"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: no MLflow experiment 'nope'")
