@@ -76,10 +76,13 @@ def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_p
     assert parent_run.info.status == "FINISHED"
 
 
-def test_the_joblib_launcher_runs_jobs_in_worker_processes_under_the_same_parent(tmp_path, tiny_backbone):
-    _, _, jobs = sweep_jobs(tmp_path, tiny_backbone, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                            "lr=0.01,0.05", "epochs=1", "model.augmentation.enabled=false")
+def test_joblib_launcher_jobs_share_the_parent_and_the_best_is_registered_when_asked(tmp_path, tiny_backbone):
+    _, parent_id, jobs = sweep_jobs(tmp_path, tiny_backbone, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                                    "lr=0.01,0.05", "epochs=1", "model.augmentation.enabled=false",
+                                    "registry.register_after_sweep=true")
     assert sorted(jobs["params.lr"]) == ["0.01", "0.05"] and set(jobs["status"]) == {"FINISHED"}
+    champion = mlflow.MlflowClient().get_model_version_by_alias("flowers", "champion")
+    assert champion.run_id == mlflow.MlflowClient().get_run(parent_id).data.tags["best_run_id"]
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_backbone):
