@@ -2,8 +2,9 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
+PORT ?= 8080
 
-.PHONY: install test train register-best clean
+.PHONY: install test train register-best serve-best clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -21,6 +22,9 @@ train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2
 
 register-best: install  ## register the best run as models:/flowers@champion; e.g. ARGS="--sweep <parent run id>"
 	$(PYTHON) scripts/register_best.py $(ARGS)
+
+serve-best: install  ## serve models:/flowers@champion with MLflow's scoring server on 127.0.0.1:$(PORT)
+	$(PYTHON) scripts/serve_best.py serve.port=$(PORT) $(ARGS)
 
 clean:  ## remove run outputs (not the MLflow store)
 	rm -rf outputs .pytest_cache

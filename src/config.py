@@ -64,6 +64,13 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"backbone.input_size={list(size)} is invalid: expected [height, width], e.g. [224,224]")
 
 
+def validate_serve(cfg: DictConfig) -> None:
+    _check(cfg, "serve.port", lambda v: 0 < v < 65536, "a TCP port, e.g. serve.port=8080", int)
+    _check(cfg, "serve.max_images", lambda v: v >= 1, "a positive integer, e.g. serve.max_images=32", int)
+    _check(cfg, "serve.max_pixels", lambda v: v >= 1, "a positive integer, e.g. serve.max_pixels=50_000_000", int)
+    _check(cfg, "serve.max_body_mb", lambda v: v > 0, "a positive number, e.g. serve.max_body_mb=16")
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Every resolved config value as `a.b.c -> value`, the way MLflow params want them."""
     flat: dict[str, str] = {}

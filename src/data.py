@@ -40,8 +40,16 @@ class Splits:
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:
-    """JPEG/PNG/BMP/GIF bytes -> uint8 RGB image of `size` (height, width)."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    """JPEG/PNG/GIF/BMP/WebP bytes -> uint8 RGB image of `size` (height, width). Grey is repeated into RGB,
+    CMYK converted, and transparent pixels are put on white, as a viewer shows them (dropping the alpha
+    channel would show whatever colour hides under alpha 0)."""
+    image = tf.cast(tf.io.decode_image(image_bytes, expand_animations=False), tf.float32)  # 1 to 4 channels
+    channels = tf.shape(image)[-1]
+    has_alpha = channels % 2 == 0  # grey + alpha, RGBA
+    color = image[..., :channels - tf.cast(has_alpha, tf.int32)]
+    alpha = tf.cond(has_alpha, lambda: image[..., -1:] / 255.0, lambda: tf.ones_like(image[..., :1]))
+    color = tf.tile(color, [1, 1, 3 // tf.shape(color)[-1]])
+    image = tf.ensure_shape(color * alpha + 255.0 * (1.0 - alpha), [None, None, 3])
     image = tf.image.resize(image, size, method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 

@@ -1,0 +1,44 @@
+"""Serve the champion model with MLflow's scoring server on 127.0.0.1:8080 (make serve-best PORT=...).
+
+    python scripts/serve_best.py [--model-uri URI] [serve.port=8080 serve.max_images=32 ...]
+
+POST /invocations {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ...]}}
+  -> {"predictions": [{"class_name", "label", "score", "top_k": [{"class_name", "label", "score"}, ...]}, ...]}
+GET /ping, /health, /version. Limits (images per request, pixels per image, body size) are in conf/serve/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlflow  # noqa: E402
+from hydra.errors import ConfigCompositionException, OverrideParseException  # noqa: E402
+
+from src import serve  # noqa: E402
+from src.config import UserError, load_config, validate_serve  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-uri", help="serve this model instead of models:/<registry.model_name>@champion")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.port=9000 serve.max_images=8")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(*args.overrides)
+        validate_serve(cfg)
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        model_uri = args.model_uri or serve.champion_uri(cfg.registry.model_name)
+    except (UserError, OverrideParseException, ConfigCompositionException) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 1
+    print(f"serving {model_uri} on http://{cfg.serve.host}:{cfg.serve.port}/invocations", flush=True)
+    serve.serve(model_uri, cfg.serve)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""`make serve-best` end to end: a registered champion, the real server on loopback, real HTTP requests."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from src import register
+from src.backbone import HubFeatureVector
+from src.config import PROJECT_ROOT
+from src.export import export_saved_model, log_pyfunc_model
+from src.model import build_model
+from src.pyfunc_model import FlowerClassifier
+from tests.conftest import compose_config
+
+CLASSES = ["daisy", "rose", "tulip", "lily"]
+MAX_IMAGES, MAX_BODY_MB = 4, 1
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def split(*images: str) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
+
+
+RNG = np.random.default_rng(0)
+PHOTO = Image.fromarray(RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+JPEG = encode(PHOTO, "JPEG")
+
+
+def bomb_png(width=30000, height=30000) -> bytes:
+    """A valid 1x1 PNG whose header declares width x height: a few dozen bytes."""
+    import struct
+    import zlib
+    png = encode(Image.new("RGB", (1, 1)), "PNG")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return png[:8] + chunk + png[8 + 25:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_backbone, tmp_path_factory):
+    """A store with one trained-and-registered champion (a tiny model on 4 classes)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    model = build_model(HubFeatureVector(tiny_backbone), (32, 32), len(CLASSES), compose_config().model, seed=0)
+    saved = export_saved_model(model, CLASSES, (32, 32), 3, tmp / "flowers" / "1")
+    mlflow.set_experiment("flowers102")
+    with mlflow.start_run():
+        mlflow.log_metrics({"val/accuracy_best": 0.5, "val/loss_at_best": 1.0})
+        log_pyfunc_model(saved, [JPEG])
+    register.register_best(mlflow.MlflowClient(), "flowers102", "flowers")
+    return uri, saved
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    uri, _ = store
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "scripts/serve_best.py", f"serve.port={port}", f"serve.max_images={MAX_IMAGES}",
+         f"serve.max_body_mb={MAX_BODY_MB}"], cwd=PROJECT_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not come up: {process.communicate()[0][-3000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def invoke(url, body, **kwargs):
+    data = json.dumps(body) if isinstance(body, dict) else body
+    return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"},
+                         timeout=60, **kwargs)
+
+
+def test_ping_and_health_answer(server):
+    assert requests.get(f"{server}/ping").status_code == 200
+    assert requests.get(f"{server}/health").status_code == 200
+
+
+def test_images_of_every_mode_and_size_get_their_top_k_as_in_process(server, store):
+    images = [JPEG, encode(PHOTO, "PNG"), encode(PHOTO.convert("L"), "JPEG"), encode(PHOTO.convert("RGBA"), "PNG")]
+    more = [encode(PHOTO.convert("CMYK"), "JPEG"), encode(Image.new("RGB", (4000, 3000), "seagreen"), "JPEG"),
+            encode(Image.new("RGB", (1, 1), "red"), "PNG"), encode(PHOTO.convert("P"), "PNG")]
+    predictions = [p for batch in (images, more)
+                   for p in invoke(server, split(*map(b64, batch))).json()["predictions"]]
+    assert len(predictions) == 8
+    expected = FlowerClassifier.from_saved_model(str(store[1])).predict(
+        None, __import__("pandas").DataFrame({"image": images + more}))
+    for got, want in zip(predictions, expected.itertuples()):
+        assert [t["class_name"] for t in got["top_k"]] == [t["class_name"] for t in want.top_k]
+        assert [t["label"] for t in got["top_k"]] == [CLASSES.index(t["class_name"]) for t in got["top_k"]]
+        np.testing.assert_allclose([t["score"] for t in got["top_k"]], [t["score"] for t in want.top_k], rtol=1e-5)
+        assert len(got["top_k"]) == 3 and got["class_name"] == got["top_k"][0]["class_name"]
+
+
+def test_records_instances_and_inputs_formats_are_accepted(server):
+    bodies = [{"dataframe_records": [{"image": b64(JPEG)}]}, {"instances": [{"image": b64(JPEG)}]},
+              {"inputs": {"image": [b64(JPEG)]}}]
+    labels = [invoke(server, body).json()["predictions"][0]["label"] for body in bodies]
+    assert len(set(labels)) == 1
+
+
+BAD = {
+    "non-image bytes": (split(b64(b"this is not an image")), 400, "image 0 is not an image"),
+    "truncated JPEG": (split(b64(JPEG), b64(JPEG[:len(JPEG) // 2])), 400, "image 1 is truncated or corrupt"),
+    "empty image": (split(""), 400, "image 0 is empty"),
+    "empty body": (b"", 400, "valid JSON"),
+    "no images": (split(), 400, "the request has no images"),
+    "invalid base64": (split("!!not*base64"), 400, "Invalid base64"),
+    "invalid base64 in inputs": ({"inputs": {"image": ["QUJDR"]}}, 400, "image 0 is not valid base64"),
+    "wrong JSON shape": ({"images": [b64(JPEG)]}, 400, "exactly one of the input fields"),
+    "wrong column": ({"dataframe_split": {"columns": ["photo"], "data": [[b64(JPEG)]]}}, 400, "image"),
+    "not JSON": (b"{nope", 400, "valid JSON"),
+    "decompression bomb": (split(b64(bomb_png())), 400, "pixels, over the limit of 50,000,000"),
+    "100-megapixel header": (split(b64(bomb_png(10000, 10000))), 400, "declares 10000x10000 pixels, over the limit"),
+    "too many images": (split(*[b64(JPEG)] * (MAX_IMAGES + 1)), 400, f"over the limit of {MAX_IMAGES}"),
+    "TIFF": (split(b64(encode(PHOTO, "TIFF"))), 400, "image 0 is TIFF"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_a_4xx_with_a_clear_message_and_the_server_keeps_serving(server, case):
+    body, status, message = BAD[case]
+    response = invoke(server, body)
+    assert response.status_code == status, response.text[:500]
+    assert message in response.json()["message"]
+    assert invoke(server, split(b64(JPEG))).status_code == 200
+
+
+def test_a_body_over_the_limit_gets_413_whether_declared_or_streamed(server):
+    too_big = json.dumps(split(b64(b"x" * (MAX_BODY_MB * 2**20)))).encode()
+    response = invoke(server, too_big)
+    assert response.status_code == 413 and "over the limit of 1,048,576" in response.json()["message"]
+    chunked = invoke(server, iter([too_big[i:i + 65536] for i in range(0, len(too_big), 65536)]))
+    assert chunked.status_code == 413  # no Content-Length: counted while reading
+    assert invoke(server, split(b64(JPEG))).status_code == 200
+
+
+def test_without_a_champion_the_server_refuses_to_start_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/serve_best.py"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model 'flowers' has no champion")
+
+
+def predict(*args, uri=None):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri} if uri else None
+    return subprocess.run([sys.executable, "scripts/predict.py", *args], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "photo.jpg").write_bytes(JPEG)
+    (folder / "grey.png").write_bytes(encode(PHOTO.convert("L"), "PNG"))
+    return [str(folder / "photo.jpg"), str(folder / "grey.png")]
+
+
+def test_predict_script_gives_the_same_top_k_from_the_server_and_in_process(server, store, image_files):
+    by_url = predict(*image_files, "--url", server, "--json", "--top-k", "2", "--batch-size", "1")
+    assert by_url.returncode == 0, by_url.stderr[-2000:]
+    lines = [json.loads(line) for line in by_url.stdout.splitlines()]
+    assert [line["file"] for line in lines] == image_files
+    assert all(len(line["top_k"]) == 2 and set(line["top_k"][0]) == {"class_name", "label", "score"}
+               for line in lines)
+    in_process = predict(*image_files, "--json", "--top-k", "2", uri=store[0])
+    assert in_process.returncode == 0, in_process.stderr[-2000:]
+    for a, b in zip(lines, map(json.loads, in_process.stdout.splitlines())):
+        assert [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
+        np.testing.assert_allclose([t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], rtol=1e-5)
+    text = predict(image_files[0], "--url", server)
+    assert text.stdout.startswith(f"{image_files[0]}: ") and text.stdout.count("(") == 3  # top 3 of this model
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.jpg"], "no such file: missing.jpg"),
+    (["{image}", "--url", "http://127.0.0.1:9"], "no server answers at http://127.0.0.1:9"),
+    (["{image}", "--url", "{server}", "--top-k", "9"], "--top-k 9 is more than the model's 3"),
+    (["{text}", "--url", "{server}"], "the server answered 400: image 0 is not an image"),
+    (["{text}", "--model-uri", "models:/flowers@champion"], "image 0 is not an image"),
+    (["{image}", "--model-uri", "models:/nope@champion"], "cannot load models:/nope@champion"),
+])
+def test_predict_script_errors_are_one_line(server, store, image_files, tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("not an image")
+    args = [a.format(image=image_files[0], server=server, text=tmp_path / "notes.txt") for a in args]
+    result = predict(*args, uri=store[0])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr[-1500:]
