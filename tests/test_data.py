@@ -40,13 +40,23 @@ def test_batches_are_uint8_at_the_backbone_size_and_shuffled_reproducibly():
 @pytest.mark.parametrize("fmt, array, mode", [
     ("JPEG", np.full((30, 50, 3), 200, np.uint8), None),
     ("PNG", np.full((30, 50), 200, np.uint8), "L"),          # grayscale
-    ("PNG", np.full((30, 50, 4), 200, np.uint8), "RGBA"),
+    ("PNG", np.dstack([np.full((30, 50, 3), 200, np.uint8), np.full((30, 50), 255, np.uint8)]), "RGBA"),
     ("BMP", np.full((30, 50, 3), 200, np.uint8), None),
 ])
 def test_decode_and_resize_gives_rgb_of_the_requested_size(fmt, array, mode):
     image = decode_and_resize(tf.constant(encode(array, fmt, mode)), (20, 24))
     assert image.dtype == tf.uint8 and image.shape == (20, 24, 3)
     assert abs(int(image.numpy().mean()) - 200) <= 2
+
+
+def test_transparent_pixels_are_put_on_white_as_a_viewer_shows_them():
+    rgba = np.zeros((20, 30, 4), np.uint8)  # black everywhere; opaque on the left, half and fully transparent right
+    rgba[:, :10, 3], rgba[:, 10:20, 3], rgba[:, 20:, 3] = 255, 128, 0
+    for mode in ("RGBA", "LA"):
+        image = Image.fromarray(rgba, "RGBA").convert(mode)
+        pixels = decode_and_resize(tf.constant(encode(np.asarray(image), "PNG", mode)), (20, 30)).numpy()
+        assert (pixels[:, :8] == 0).all() and (pixels[:, 22:] == 255).all()
+        assert (np.abs(pixels[:, 12:18].astype(int) - 127) <= 1).all()
 
 
 def make_image_folder(root, classes=("daisy", "rose"), per_class=3):
