@@ -3,8 +3,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
 PORT ?= 8080
+TFSERVING_PORT ?= 8501
 
-.PHONY: install test train register-best serve-best clean
+.PHONY: install test train register-best serve-best export-tfserving serve-best-tfserving clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -25,6 +26,13 @@ register-best: install  ## register the best run as models:/flowers@champion; e.
 
 serve-best: install  ## serve models:/flowers@champion with MLflow's scoring server on 127.0.0.1:$(PORT)
 	$(PYTHON) scripts/serve_best.py serve.port=$(PORT) $(ARGS)
+
+export-tfserving: install  ## the champion's SavedModel in TF Serving's layout: outputs/tfserving/flowers/<version>
+	$(PYTHON) scripts/export_tfserving.py $(ARGS)
+
+serve-best-tfserving: export-tfserving  ## the champion in a tensorflow/serving container on 127.0.0.1:$(TFSERVING_PORT)
+	docker build -f docker/tfserving.Dockerfile -t flowers-tfserving outputs/tfserving
+	docker run --rm -p 127.0.0.1:$(TFSERVING_PORT):8501 flowers-tfserving
 
 clean:  ## remove run outputs (not the MLflow store)
 	rm -rf outputs .pytest_cache

@@ -3,6 +3,8 @@ in TF Serving's versioned layout, and the same model as an MLflow pyfunc model."
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import keras
 import mlflow
 import pandas as pd
 import tensorflow as tf
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 
 from src.data import decode_and_resize
 
@@ -58,3 +60,35 @@ def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlfl
         pip_requirements=[f"tensorflow=={tf.__version__}", f"pandas=={pd.__version__}",
                           f"mlflow=={mlflow.__version__}"],
     )
+
+
+MODELS_CONFIG = """model_config_list {{
+  config {{
+    name: "{name}"
+    base_path: "{base_path}"
+    model_platform: "tensorflow"
+    model_version_policy {{ specific {{ versions: {version} }} }}
+  }}
+}}
+"""
+
+
+def saved_model_of(model_uri: str, dst: Path) -> Path:
+    """Download a logged pyfunc model into `dst`; return the path of the SavedModel inside it."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    return local / Model.load(str(local / "MLmodel")).flavors["python_function"]["artifacts"]["saved_model"]["path"]
+
+
+def write_tfserving(model_uri: str, base: Path, name: str, version: int, container_base: str = "/models") -> Path:
+    """TF Serving's layout under `base`: <name>/<version>/saved_model.pb, and models.config serving exactly that
+    version (TF Serving would otherwise serve the highest version in the folder, not the champion)."""
+    target = base / name / str(version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".") as tmp:  # TF Serving skips non-numeric names
+        staged = Path(tmp) / "staged"
+        shutil.copytree(saved_model_of(model_uri, Path(tmp) / "download"), staged)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    config = MODELS_CONFIG.format(name=name, base_path=f"{container_base}/{name}", version=version)
+    (base / "models.config").write_text(config)
+    return target
