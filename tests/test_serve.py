@@ -223,3 +223,30 @@ def test_predict_script_errors_are_one_line(server, store, image_files, tmp_path
     result = predict(*args, uri=store[0])
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-1500:]
+
+
+def test_plain_mlflow_models_serve_serves_the_champion_with_the_same_checks(store):
+    """`mlflow models serve --env-manager local` runs the same app without the body limit; the model's own
+    checks still answer 400."""
+    port = free_port()
+    venv_bin = os.path.dirname(sys.executable)  # it runs `uvicorn` from PATH
+    process = subprocess.Popen([os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", "models:/flowers@champion", "--env-manager",
+                                "local", "-h", "127.0.0.1", "-p", str(port)], cwd=PROJECT_ROOT,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store[0],
+                                    "PATH": venv_bin + os.pathsep + os.environ["PATH"]},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{url}/ping", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert invoke(url, split(b64(JPEG))).json()["predictions"][0]["class_name"] in CLASSES
+        bad = invoke(url, split(b64(bomb_png())))
+        assert bad.status_code == 400 and "over the limit of 50,000,000" in bad.json()["message"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
