@@ -28,8 +28,9 @@ def predict_url(url: str, images: list[bytes]) -> list[list[dict]]:
     endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/invocations") else "/invocations")
     try:
         response = requests.post(endpoint, json=body, timeout=300)
-    except requests.ConnectionError:
-        raise UserError(f"no server answers at {url}; start one with make serve-best") from None
+    except requests.ConnectionError as error:
+        raise UserError(f"cannot reach a server at {url} ({type(error.__cause__ or error).__name__}); "
+                        "is make serve-best running?") from None
     if response.status_code != 200:
         raise UserError(f"the server answered {response.status_code}: {_message(response)}")
     return [p["top_k"] for p in response.json()["predictions"]]
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
     where.add_argument("--model-uri", help=f"default models:/{cfg.registry.model_name}@champion, in-process")
     parser.add_argument("--top-k", type=int, help="classes per image; default all the model returns (export.top_k)")
-    parser.add_argument("--batch-size", type=int, default=cfg.serve.max_images, help="images per request")
+    parser.add_argument("--batch-size", type=int, default=cfg.serve.max_images, help="images per request, at most")
+    parser.add_argument("--batch-mb", type=float, default=cfg.serve.max_body_mb / 2,
+                        help="image megabytes per request, at most (base64 adds a third; serve.max_body_mb)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     args = parser.parse_args(argv)
     try:
@@ -84,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             import mlflow
             mlflow.set_tracking_uri(cfg.tracking.uri)
             predict = in_process(args.model_uri or f"models:/{cfg.registry.model_name}@champion")
-        for start in range(0, len(args.images), args.batch_size):
-            files = args.images[start:start + args.batch_size]
+        for files in batches(args.images, args.batch_size, int(args.batch_mb * 2**20)):
             try:
                 results = predict([f.read_bytes() for f in files])
             except UserError as error:
@@ -98,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def batches(files: list[Path], most: int, most_bytes: int):
+    """Consecutive groups of at most `most` files and `most_bytes` bytes (a larger file goes alone)."""
+    batch, size = [], 0
+    for file in files:
+        length = file.stat().st_size
+        if batch and (len(batch) == most or size + length > most_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(file)
+        size += length
+    if batch:
+        yield batch
 
 
 def show(file: Path, top_k: list[dict], as_json: bool) -> None:

@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(*args.overrides)
         validate_serve(cfg)
         mlflow.set_tracking_uri(cfg.tracking.uri)
-        model_uri = args.model_uri or serve.champion_uri(cfg.registry.model_name)
+        model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
     except (UserError, OverrideParseException, ConfigCompositionException) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1
-    print(f"serving {model_uri} on http://{cfg.serve.host}:{cfg.serve.port}/invocations", flush=True)
+    print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations",
+          flush=True)
     serve.serve(model_uri, cfg.serve)
     return 0
 

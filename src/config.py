@@ -68,6 +68,8 @@ def validate_serve(cfg: DictConfig) -> None:
     _check(cfg, "serve.port", lambda v: 0 < v < 65536, "a TCP port, e.g. serve.port=8080", int)
     _check(cfg, "serve.max_images", lambda v: v >= 1, "a positive integer, e.g. serve.max_images=32", int)
     _check(cfg, "serve.max_pixels", lambda v: v >= 1, "a positive integer, e.g. serve.max_pixels=50_000_000", int)
+    _check(cfg, "serve.max_request_pixels", lambda v: v >= 1,
+           "a positive integer, e.g. serve.max_request_pixels=100_000_000", int)
     _check(cfg, "serve.max_body_mb", lambda v: v > 0, "a positive number, e.g. serve.max_body_mb=16")
 
 

@@ -42,16 +42,18 @@ class Splits:
 def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:
     """JPEG/PNG/GIF/BMP/WebP bytes -> uint8 RGB image of `size` (height, width). Grey is repeated into RGB,
     CMYK converted, and transparent pixels are put on white, as a viewer shows them (dropping the alpha
-    channel would show whatever colour hides under alpha 0)."""
-    image = tf.cast(tf.io.decode_image(image_bytes, expand_animations=False), tf.float32)  # 1 to 4 channels
-    channels = tf.shape(image)[-1]
-    has_alpha = channels % 2 == 0  # grey + alpha, RGBA
-    color = image[..., :channels - tf.cast(has_alpha, tf.int32)]
-    alpha = tf.cond(has_alpha, lambda: image[..., -1:] / 255.0, lambda: tf.ones_like(image[..., :1]))
-    color = tf.tile(color, [1, 1, 3 // tf.shape(color)[-1]])
-    image = tf.ensure_shape(color * alpha + 255.0 * (1.0 - alpha), [None, None, 3])
-    image = tf.image.resize(image, size, method="bilinear", antialias=True)
+    channel would show whatever colour hides under alpha 0). Only images with alpha leave uint8 before
+    the resize, so a large photo costs one byte per channel and pixel."""
+    image = tf.io.decode_image(image_bytes, expand_animations=False)  # uint8, 1 to 4 channels
+    image = tf.cond(tf.shape(image)[-1] % 2 == 0, lambda: _on_white(image), lambda: image)  # grey+alpha, RGBA
+    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+    image = tf.image.resize(tf.ensure_shape(image, [None, None, 3]), size, method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _on_white(image: tf.Tensor) -> tf.Tensor:
+    color, alpha = tf.cast(image[..., :-1], tf.float32), tf.cast(image[..., -1:], tf.float32) / 255.0
+    return tf.cast(tf.round(color * alpha + 255.0 * (1.0 - alpha)), tf.uint8)
 
 
 def make_batches(ds: tf.data.Dataset, size, batch_size: int, *, cache: bool = False,

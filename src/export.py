@@ -43,7 +43,7 @@ def export_saved_model(model: keras.Model, class_names: list[str], input_size, t
 def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlflow.models.model.ModelInfo:
     """Log the SavedModel as MLflow model `model`: DataFrame column `image` (bytes) ->
     class_name, label, score (top-1) and top_k (a list of {class_name, label, score})."""
-    from src.pyfunc_model import LIMITS, FlowerClassifier
+    from src.pyfunc_model import FlowerClassifier
 
     example = pd.DataFrame({"image": example_images})
     predictor = FlowerClassifier.from_saved_model(str(saved_model_dir))
@@ -56,7 +56,6 @@ def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlfl
         artifacts={"saved_model": str(saved_model_dir)},
         signature=signature,
         input_example=example,
-        model_config=LIMITS,
         pip_requirements=[f"tensorflow=={tf.__version__}", f"pandas=={pd.__version__}",
                           f"mlflow=={mlflow.__version__}"],
     )

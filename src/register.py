@@ -15,11 +15,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from src.config import UserError
+from src import track
 from src.track import SELECT_BY, TIE_BREAK
 
 CHAMPION = "champion"
+VALIDATION_TAG = "val_accuracy"
 # Run metric or tag -> model version tag.
-VERSION_METRICS = {SELECT_BY: "val_accuracy", TIE_BREAK: "val_loss", "test/accuracy": "test_accuracy",
+VERSION_METRICS = {SELECT_BY: VALIDATION_TAG, TIE_BREAK: "val_loss", "test/accuracy": "test_accuracy",
                    "test/top5_accuracy": "test_top5_accuracy"}
 VERSION_RUN_TAGS = {"backbone": "backbone", "dataset": "dataset", "dataset_version": "data_version",
                     "git_commit": "git_commit"}
@@ -62,29 +64,35 @@ def champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
 
 def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
     """Register `run`'s model under `name` (once per run) and move `champion` to it if it beats the
-    current champion on validation; otherwise leave the alias where it is."""
+    current champion on the same validation data; otherwise leave the alias where it is."""
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id], output_format="list",
         filter_string=f"source_run_id = '{run.info.run_id}' and name = 'model'")
     if not models:
         raise UserError(f"run {run.info.run_id} has no logged model 'model'; it did not finish exporting")
-    version = _version_of(client, name, run) or mlflow.register_model(
-        f"models:/{models[0].model_id}", name, tags=_version_tags(run))
-    current = champion(client, name)
-    if current is not None and str(current.version) == str(version.version):
-        return Outcome(version, current, f"{name} version {version.version} (run {run.info.run_id}) is already "
-                                         f"the {CHAMPION}")
-    score = _score(run)
-    if current is not None:
-        current_run = _get_run(client, current.run_id)
-        if _key(run) <= _key(current_run):
-            return Outcome(version, current,
-                           f"{name} version {version.version} ({score}) does not beat the {CHAMPION}, version "
-                           f"{current.version} ({_score(current_run)}); the alias stays")
-    client.set_registered_model_alias(name, CHAMPION, version.version)
-    was = f"; it was version {current.version} ({_score(current_run)})" if current else ""
-    return Outcome(version, client.get_model_version_by_alias(name, CHAMPION),
-                   f"{name} version {version.version} ({score}) is now the {CHAMPION}{was}")
+    with track.store_lock(mlflow.get_tracking_uri()):  # one compare-and-set at a time (SQLite, PostgreSQL)
+        registered = _version_of(client, name, run) or mlflow.register_model(
+            f"models:/{models[0].model_id}", name, tags=_version_tags(run))
+        version = client.get_model_version(name, str(registered.version))
+        current = champion(client, name)
+        label = f"{name} version {version.version}"
+        if current is not None:
+            if str(current.version) == str(version.version):
+                return Outcome(version, current, f"{label} (run {run.info.run_id}) is already the {CHAMPION}")
+            held = f"the {CHAMPION}, version {current.version}"
+            if VALIDATION_TAG not in current.tags:
+                return Outcome(version, current, f"{label} ({_score(version)}): {held} has no {VALIDATION_TAG} "
+                                                 "tag to compare with; the alias stays (move it by hand)")
+            if _validation(version) != _validation(current):
+                return Outcome(version, current,
+                               f"{label} was validated on {_validation(version)}, {held} on "
+                               f"{_validation(current)}: they do not compare; the alias stays (move it by hand)")
+            if _key(version) <= _key(current):
+                return Outcome(version, current, f"{label} ({_score(version)}) does not beat {held} "
+                                                 f"({_score(current)}); the alias stays")
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    was = f"; it was version {current.version} ({_score(current)})" if current else ""
+    return Outcome(version, champion(client, name), f"{label} ({_score(version)}) is now the {CHAMPION}{was}")
 
 
 def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str,
@@ -111,14 +119,21 @@ def _version_tags(run: Run) -> dict[str, str]:
     tags = {tag: repr(run.data.metrics[metric]) for metric, tag in VERSION_METRICS.items()
             if metric in run.data.metrics}
     tags |= {tag: run.data.tags[key] for key, tag in VERSION_RUN_TAGS.items() if key in run.data.tags}
+    if "data.splits.validation" in run.data.params:
+        tags["validation_split"] = run.data.params["data.splits.validation"]
     return tags | {"run_id": run.info.run_id, "run_name": run.info.run_name}
 
 
-def _key(run: Run) -> tuple[float, float]:
-    """Higher is better: val accuracy, then lower val loss. A run without them ranks last."""
-    metrics = run.data.metrics
-    return metrics.get(SELECT_BY, float("-inf")), -metrics.get(TIE_BREAK, float("inf"))
+def _key(version: ModelVersion) -> tuple[float, float]:
+    """Higher is better: val accuracy, then lower val loss."""
+    return float(version.tags[VALIDATION_TAG]), -float(version.tags.get("val_loss", "inf"))
 
 
-def _score(run: Run) -> str:
-    return f"val accuracy {run.data.metrics.get(SELECT_BY, float('nan')):.4f}"
+def _validation(version: ModelVersion) -> str:
+    """The validation data a version was selected on: dataset, version and split."""
+    tags = version.tags
+    return "/".join(tags.get(key, "?") for key in ("dataset", "data_version", "validation_split"))
+
+
+def _score(version: ModelVersion) -> str:
+    return f"val accuracy {float(version.tags[VALIDATION_TAG]):.4f}"

@@ -2,8 +2,9 @@
 
 The app is MLflow's own (`mlflow.pyfunc.scoring_server`, what `mlflow models serve --env-manager local` runs:
 /invocations, /ping, /health, /version). `mlflow models serve` puts no limit on the request body, so the app
-is wrapped in a small ASGI middleware that answers 413 past `serve.max_body_mb`. The model checks the rest:
-the number of images, their size from the header, and that each one decodes (src/pyfunc_model.py).
+is wrapped in a small ASGI middleware that answers 413 past `serve.max_body_mb` (and 415 to a request without
+a Content-Type, which MLflow's app answers with a 500). The model checks the rest: the number of images, their
+size from the header, and that each one decodes (src/pyfunc_model.py).
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from src import register
 from src.config import UserError
 
 
-def champion_uri(name: str) -> str:
-    if register.champion(mlflow.MlflowClient(), name) is None:
+def champion_uri(name: str) -> tuple[str, str]:
+    """models:/<name>@champion, and which version and run that is now (the server keeps it until restarted)."""
+    version = register.champion(mlflow.MlflowClient(), name)
+    if version is None:
         raise UserError(f"model '{name}' has no {register.CHAMPION} in {mlflow.get_tracking_uri()}; "
                         "train, then run make register-best")
-    return f"models:/{name}@{register.CHAMPION}"
+    return f"models:/{name}@{register.CHAMPION}", f"version {version.version}, run {version.run_id}"
 
 
-class BodyLimit:
-    """ASGI middleware: reads the whole request body, up to `max_bytes`, before the app sees it."""
+class RequestLimits:
+    """ASGI middleware: reads the whole request body, up to `max_bytes`, before the app sees it, and refuses a
+    POST without a Content-Type."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -35,7 +39,11 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        if scope["method"] == "POST" and b"content-type" not in headers:
+            return await self.refuse(send, 415, "UNSUPPORTED_MEDIA_TYPE",
+                                     "the request has no Content-Type; send Content-Type: application/json")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self.too_large(send, int(declared))
         body = bytearray()
@@ -59,19 +67,23 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def too_large(self, send, size: int) -> None:
-        message = (f"the request body is {size:,} bytes, over the limit of {self.max_bytes:,}; "
-                   "send fewer or smaller images per request")
-        content = json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": message}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        await self.refuse(send, 413, "REQUEST_TOO_LARGE", f"the request body is {size:,} bytes, over the limit of "
+                                                         f"{self.max_bytes:,}; send fewer or smaller images per request")
+
+    @staticmethod
+    async def refuse(send, status: int, code: str, message: str) -> None:
+        content = json.dumps({"error_code": code, "message": message}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(content)).encode())]})
         await send({"type": "http.response.body", "body": content})
 
 
-def build_app(model_uri: str, cfg: DictConfig) -> BodyLimit:
-    model = mlflow.pyfunc.load_model(model_uri, model_config={"max_images": cfg.max_images,
-                                                              "max_pixels": cfg.max_pixels})
-    return BodyLimit(scoring_server.init(model), int(cfg.max_body_mb * 2**20))
+def build_app(model_uri: str, cfg: DictConfig) -> RequestLimits:
+    model = mlflow.pyfunc.load_model(model_uri)
+    model.unwrap_python_model().limits.update(
+        {key: cfg[key] for key in ("max_images", "max_pixels", "max_request_pixels")})
+    return RequestLimits(scoring_server.init(model), int(cfg.max_body_mb * 2**20))
 
 
 def serve(model_uri: str, cfg: DictConfig) -> None:

@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src import register, track
+from src.config import UserError
 from src.track import SELECT_BY, TIE_BREAK
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,12 @@ class MlflowSweepCallback(Callback):
         run_id = os.environ.get(SWEEP_RUN_ENV)
         end_sweep("FINISHED")
         if run_id and config.registry.register_after_sweep:
-            outcome = register.register_best(mlflow.MlflowClient(), config.tracking.experiment_name,
-                                             config.registry.model_name, sweep_run_id=run_id)
+            try:
+                outcome = register.register_best(mlflow.MlflowClient(), config.tracking.experiment_name,
+                                                 config.registry.model_name, sweep_run_id=run_id)
+            except UserError as error:  # the sweep's runs are complete; only the registration is missing
+                log.error("registry.register_after_sweep: %s", error)
+                return
             log.info(outcome.message)
 
 

@@ -4,6 +4,7 @@ import os
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from src.config import PROJECT_ROOT, load_config
@@ -23,10 +24,12 @@ def tiny_backbone(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
+def tracking_uri(tmp_path):
+    """A fresh store, for this process and its subprocesses (MLflow exports it as MLFLOW_TRACKING_URI)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)  # and unsets MLFLOW_TRACKING_URI
 
 
 @pytest.fixture

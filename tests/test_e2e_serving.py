@@ -5,16 +5,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
-import requests
 
 from src.config import PROJECT_ROOT
 from src.data import load_splits
 from tests.conftest import compose_config
-from tests.test_serve import free_port
+from tests.test_serve import free_port, running
 
 SLICES = {"train": "train[:50%]", "validation": "validation[:30%]", "test": "test[:200]"}
 PHOTOS = 30
@@ -36,17 +34,19 @@ def test_sweep_register_serve_and_predict_real_photos(offline_data_dir, offline_
         "model.augmentation.enabled=false", "model.normalize_features=true", "trainer.verbose=0", *data,
         f"tracking.artifact_location={tmp_path}/art", f"hydra.sweep.dir={tmp_path}/multirun")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["flowers102"], order_by=["metrics.`val/accuracy_best` DESC"])
-    parent = runs[runs["tags.sweep"] == "true"].run_id.iloc[0]
-    jobs = runs[runs["tags.mlflow.parentRunId"] == parent]
+    runs = mlflow.search_runs(experiment_names=["flowers102"])
+    [parent] = [row for _, row in runs[runs["tags.sweep"] == "true"].iterrows()]
+    jobs = runs[runs["tags.mlflow.parentRunId"] == parent.run_id]
     assert len(jobs) == 2 and set(jobs["status"]) == {"FINISHED"}
+    best = parent["tags.best_run_id"]  # the sweep's own choice: val accuracy, then val loss
+    [other] = set(jobs.run_id) - {best}
 
-    registered = run(env, "scripts/register_best.py", "--sweep", parent)
+    registered = run(env, "scripts/register_best.py", "--sweep", parent.run_id)
     assert "flowers version 1 (val accuracy" in registered.stdout and "is now the champion" in registered.stdout
-    worse = run(env, "scripts/register_best.py", "--run-id", jobs.run_id.iloc[1])
+    worse = run(env, "scripts/register_best.py", "--run-id", other)
     assert "does not beat the champion, version 1" in worse.stdout
     champion = mlflow.MlflowClient().get_model_version_by_alias("flowers", "champion")
-    assert champion.run_id == jobs.run_id.iloc[0] and int(champion.version) == 1
+    assert champion.run_id == best and int(champion.version) == 1
 
     splits = load_splits(compose_config(f"data.data_dir={offline_data_dir}", *data).data)
     files, labels = [], []
@@ -56,21 +56,8 @@ def test_sweep_register_serve_and_predict_real_photos(offline_data_dir, offline_
         labels.append(int(label))
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "scripts/serve_best.py", f"serve.port={port}"], cwd=PROJECT_ROOT,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"{url}/ping", timeout=2)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+    with running([sys.executable, "scripts/serve_best.py", f"serve.port={port}"], port, env) as url:
         output = run(env, "scripts/predict.py", *files, "--url", url, "--json").stdout
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     predictions = [json.loads(line) for line in output.splitlines()]
     assert [p["file"] for p in predictions] == files
     in_top5 = [label in [t["label"] for t in p["top_k"]] for p, label in zip(predictions, labels)]

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 import tensorflow as tf
 from PIL import Image
 
@@ -86,3 +87,12 @@ def test_pyfunc_predicts_one_row_per_image_with_top_k(exported, images):
         assert len(row.top_k) == 5 and row.top_k[0] == {"class_name": row.class_name, "label": row.label,
                                                          "score": row.score}
         assert CLASSES[row.label] == row.class_name
+
+
+def test_pyfunc_reads_base64_text_and_says_when_it_is_not(exported, images):
+    _, path = exported
+    model = FlowerClassifier.from_saved_model(str(path))
+    as_text = model.predict(None, pd.DataFrame({"image": [base64.b64encode(images[0]).decode()]}))
+    assert as_text["label"][0] == model.predict(None, pd.DataFrame({"image": images[:1]}))["label"][0]
+    with pytest.raises(MlflowException, match="image 0 is not valid base64"):
+        model.predict(None, pd.DataFrame({"image": ["QUJDR"]}))

@@ -30,11 +30,12 @@ def log_run(saved_model, tracking_uri):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
     mlflow.set_experiment(EXPERIMENT)
 
-    def log(val_accuracy, val_loss=1.0, parent=None, with_model=True):
+    def log(val_accuracy, val_loss=1.0, parent=None, with_model=True, validation="validation"):
         tags = {"backbone": "tiny", "dataset": "synthetic", "dataset_version": "v1", "git_commit": "abc"}
         if parent:
             tags["mlflow.parentRunId"] = parent
         with mlflow.start_run(tags=tags) as run:
+            mlflow.log_param("data.splits.validation", validation)
             mlflow.log_metrics({"val/accuracy_best": val_accuracy, "val/loss_at_best": val_loss,
                                 "test/accuracy": val_accuracy - 0.05, "test/top5_accuracy": 0.99})
             if with_model:
@@ -54,6 +55,7 @@ def test_the_best_run_by_val_accuracy_becomes_version_1_and_champion_with_its_me
     assert (float(tags["val_accuracy"]), float(tags["val_loss"])) == (0.80, 0.9)
     assert float(tags["test_accuracy"]) == pytest.approx(0.75) and float(tags["test_top5_accuracy"]) == 0.99
     assert (tags["backbone"], tags["run_id"], tags["data_version"]) == ("tiny", best, "v1")
+    assert tags["validation_split"] == "validation"
     loaded = mlflow.pyfunc.load_model("models:/flowers@champion")
     assert loaded.metadata.run_id == best
 
@@ -73,6 +75,25 @@ def test_a_worse_run_is_registered_but_the_champion_stays_and_a_better_one_takes
     assert outcome.champion.run_id == better and int(outcome.champion.version) == 4
     assert "it was version 1" in outcome.message
     assert client.get_model_version_by_alias("flowers", "champion").run_id == better
+
+
+def test_a_run_validated_on_other_data_does_not_take_the_alias(log_run):
+    client = mlflow.MlflowClient()
+    first = log_run(0.80)
+    register.register_best(client, EXPERIMENT, "flowers")
+    sliced = log_run(0.95, validation="validation[:30%]")
+    outcome = register.register_best(client, EXPERIMENT, "flowers", run_id=sliced)
+    assert outcome.champion.run_id == first and "do not compare; the alias stays" in outcome.message
+    assert "synthetic/v1/validation[:30%]" in outcome.message
+
+
+def test_the_champion_is_compared_by_its_version_tags_even_when_its_run_is_gone(log_run):
+    client = mlflow.MlflowClient()
+    first = log_run(0.80)
+    register.register_best(client, EXPERIMENT, "flowers")
+    client.delete_run(first)
+    better = log_run(0.85)
+    assert register.register_best(client, EXPERIMENT, "flowers").champion.run_id == better
 
 
 def test_registering_the_same_run_again_adds_no_version(log_run):

@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 
 import mlflow
 import numpy as np
@@ -75,31 +77,39 @@ def store(tiny_backbone, tmp_path_factory):
         mlflow.log_metrics({"val/accuracy_best": 0.5, "val/loss_at_best": 1.0})
         log_pyfunc_model(saved, [JPEG])
     register.register_best(mlflow.MlflowClient(), "flowers102", "flowers")
-    return uri, saved
+    yield uri, saved
+    mlflow.set_tracking_uri(None)
+
+
+@contextmanager
+def running(command: list[str], port: int, env: dict):
+    """Start a server process, wait until /ping answers on the port, yield its URL; stop it afterwards."""
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.5)
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"the server did not come up: {log.read()[-3000:]}")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server(store):
-    uri, _ = store
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "scripts/serve_best.py", f"serve.port={port}", f"serve.max_images={MAX_IMAGES}",
-         f"serve.max_body_mb={MAX_BODY_MB}"], cwd=PROJECT_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not come up: {process.communicate()[0][-3000:]}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running([sys.executable, "scripts/serve_best.py", f"serve.port={port}", f"serve.max_images={MAX_IMAGES}",
+                  f"serve.max_body_mb={MAX_BODY_MB}"], port, {**os.environ, "MLFLOW_TRACKING_URI": store[0]}) as url:
+        yield url
 
 
 def invoke(url, body, **kwargs):
@@ -129,11 +139,22 @@ def test_images_of_every_mode_and_size_get_their_top_k_as_in_process(server, sto
         assert len(got["top_k"]) == 3 and got["class_name"] == got["top_k"][0]["class_name"]
 
 
-def test_records_instances_and_inputs_formats_are_accepted(server):
-    bodies = [{"dataframe_records": [{"image": b64(JPEG)}]}, {"instances": [{"image": b64(JPEG)}]},
-              {"inputs": {"image": [b64(JPEG)]}}]
+def test_records_instances_and_inputs_formats_and_wrapped_or_url_safe_base64_are_accepted(server):
+    wrapped = "\n".join(b64(JPEG)[i:i + 76] for i in range(0, len(b64(JPEG)), 76))  # what `base64 file` prints
+    url_safe = base64.urlsafe_b64encode(JPEG).decode()
+    assert "-" in url_safe or "_" in url_safe
+    bodies = [split(b64(JPEG)), {"dataframe_records": [{"image": b64(JPEG)}]}, {"instances": [{"image": b64(JPEG)}]},
+              {"inputs": {"image": [b64(JPEG)]}}, {"inputs": {"image": [wrapped]}}, {"inputs": {"image": [url_safe]}}]
     labels = [invoke(server, body).json()["predictions"][0]["label"] for body in bodies]
-    assert len(set(labels)) == 1
+    assert len(labels) == 6 and len(set(labels)) == 1
+
+
+def test_a_phone_jpeg_with_extra_images_is_read_as_jpeg(server):
+    buffer = io.BytesIO()
+    PHOTO.save(buffer, "MPO", save_all=True, append_images=[PHOTO.convert("L").convert("RGB")])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    mpo, jpeg = (invoke(server, split(b64(b))).json()["predictions"][0] for b in (buffer.getvalue(), JPEG))
+    assert mpo["label"] == jpeg["label"] and mpo["score"] == pytest.approx(jpeg["score"], rel=1e-5)
 
 
 BAD = {
@@ -143,14 +164,18 @@ BAD = {
     "empty body": (b"", 400, "valid JSON"),
     "no images": (split(), 400, "the request has no images"),
     "invalid base64": (split("!!not*base64"), 400, "Invalid base64"),
-    "invalid base64 in inputs": ({"inputs": {"image": ["QUJDR"]}}, 400, "image 0 is not valid base64"),
+    # `inputs` reach the model as bytes: bytes that fail to decode as base64 are read as the file itself
+    "invalid base64 in inputs": ({"inputs": {"image": ["QUJDR"]}}, 400, "image 0 is not an image"),
     "wrong JSON shape": ({"images": [b64(JPEG)]}, 400, "exactly one of the input fields"),
-    "wrong column": ({"dataframe_split": {"columns": ["photo"], "data": [[b64(JPEG)]]}}, 400, "image"),
+    "wrong column": ({"dataframe_split": {"columns": ["photo"], "data": [[b64(JPEG)]]}}, 400,
+                     "Model is missing inputs ['image']"),
     "not JSON": (b"{nope", 400, "valid JSON"),
     "decompression bomb": (split(b64(bomb_png())), 400, "pixels, over the limit of 50,000,000"),
     "100-megapixel header": (split(b64(bomb_png(10000, 10000))), 400, "declares 10000x10000 pixels, over the limit"),
     "too many images": (split(*[b64(JPEG)] * (MAX_IMAGES + 1)), 400, f"over the limit of {MAX_IMAGES}"),
     "TIFF": (split(b64(encode(PHOTO, "TIFF"))), 400, "image 0 is TIFF"),
+    "too many pixels in all": (split(*[b64(encode(Image.new("RGB", (6000, 5000)), "PNG"))] * 4), 400,
+                               "120,000,000 pixels in all, over the limit of 100,000,000"),
 }
 
 
@@ -160,6 +185,12 @@ def test_bad_input_gets_a_4xx_with_a_clear_message_and_the_server_keeps_serving(
     response = invoke(server, body)
     assert response.status_code == status, response.text[:500]
     assert message in response.json()["message"]
+    assert invoke(server, split(b64(JPEG))).status_code == 200
+
+
+def test_a_post_without_content_type_gets_415_not_a_server_error(server):
+    response = requests.post(f"{server}/invocations", data=json.dumps(split(b64(JPEG))), timeout=60)
+    assert response.status_code == 415 and "send Content-Type: application/json" in response.json()["message"]
     assert invoke(server, split(b64(JPEG))).status_code == 200
 
 
@@ -211,7 +242,7 @@ def test_predict_script_gives_the_same_top_k_from_the_server_and_in_process(serv
 
 @pytest.mark.parametrize("args, message", [
     (["missing.jpg"], "no such file: missing.jpg"),
-    (["{image}", "--url", "http://127.0.0.1:9"], "no server answers at http://127.0.0.1:9"),
+    (["{image}", "--url", "http://127.0.0.1:9"], "cannot reach a server at http://127.0.0.1:9"),
     (["{image}", "--url", "{server}", "--top-k", "9"], "--top-k 9 is more than the model's 3"),
     (["{text}", "--url", "{server}"], "the server answered 400: image 0 is not an image"),
     (["{text}", "--model-uri", "models:/flowers@champion"], "image 0 is not an image"),
@@ -230,23 +261,20 @@ def test_plain_mlflow_models_serve_serves_the_champion_with_the_same_checks(stor
     checks still answer 400."""
     port = free_port()
     venv_bin = os.path.dirname(sys.executable)  # it runs `uvicorn` from PATH
-    process = subprocess.Popen([os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", "models:/flowers@champion", "--env-manager",
-                                "local", "-h", "127.0.0.1", "-p", str(port)], cwd=PROJECT_ROOT,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": store[0],
-                                    "PATH": venv_bin + os.pathsep + os.environ["PATH"]},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"{url}/ping", timeout=2)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+    command = [os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", "models:/flowers@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0], "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    with running(command, port, env) as url:
         assert invoke(url, split(b64(JPEG))).json()["predictions"][0]["class_name"] in CLASSES
         bad = invoke(url, split(b64(bomb_png())))
         assert bad.status_code == 400 and "over the limit of 50,000,000" in bad.json()["message"]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+
+
+def test_predict_script_batches_by_count_and_by_bytes(tmp_path):
+    from scripts.predict import batches
+    files = []
+    for i, size in enumerate([10, 10, 10, 50, 10]):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(b"x" * size)
+    assert [[f.name for f in b] for b in batches(files, 2, 100)] == [["0.jpg", "1.jpg"], ["2.jpg", "3.jpg"], ["4.jpg"]]
+    assert [len(b) for b in batches(files, 10, 30)] == [3, 1, 1]  # the 50-byte file goes alone
