@@ -28,6 +28,7 @@ def tracking_uri(tmp_path):
     """A fresh store, for this process and its subprocesses (MLflow exports it as MLFLOW_TRACKING_URI)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # not the active experiment id of an earlier test's store
     yield uri
     mlflow.set_tracking_uri(None)  # and unsets MLFLOW_TRACKING_URI
 
