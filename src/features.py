@@ -21,7 +21,7 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 # Bump when decode_and_resize or the model's resize/scale layers change.
-PREPROCESSING = "decode_and_resize(alpha-on-white,bilinear,antialias)->Resizing(bilinear,antialias)->Rescaling(1/255)"
+PREPROCESSING = "decode_and_resize(alpha-on-white-uint8,bilinear,antialias)->Resizing(bilinear,antialias)->Rescaling(1/255)"
 
 
 def applies(cfg) -> bool:
