@@ -4,8 +4,11 @@ PYTHON := $(VENV)/bin/python
 ARGS ?=
 PORT ?= 8080
 TFSERVING_PORT ?= 8501
+UI_PORT ?= 5000
+# The store train.py uses (conf/tracking/mlflow.yaml): MLFLOW_TRACKING_URI, or the project's mlflow.db.
+TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test train register-best serve-best export-tfserving serve-best-tfserving clean
+.PHONY: install test train ui register-best serve-best export-tfserving serve-best-tfserving clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -20,6 +23,9 @@ test: install  ## the whole test suite
 
 train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2_100_224 lr=3e-4"
 	$(PYTHON) train.py $(ARGS)
+
+ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
 
 register-best: install  ## register the best run as models:/flowers@champion; e.g. ARGS="--sweep <parent run id>"
 	$(PYTHON) scripts/register_best.py $(ARGS)

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,16 +83,17 @@ def store(tiny_backbone, tmp_path_factory):
 
 
 @contextmanager
-def running(command: list[str], port: int, env: dict):
-    """Start a server process, wait until /ping answers on the port, yield its URL; stop it afterwards."""
+def running(command: list[str], port: int, env: dict, ready: str = "/ping"):
+    """Start a server process, wait until `ready` answers on the port, yield its URL; stop it afterwards."""
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # so that stopping it stops its children too
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 180
             while True:
                 try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    if requests.get(url + ready, timeout=2).status_code == 200:
                         break
                 except requests.ConnectionError:
                     time.sleep(0.5)
@@ -100,7 +102,7 @@ def running(command: list[str], port: int, env: dict):
                     pytest.fail(f"the server did not come up: {log.read()[-3000:]}")
             yield url
         finally:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
 
 
