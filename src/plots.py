@@ -1,4 +1,4 @@
-"""Matplotlib figures for a run: training curves, confusion matrix, a grid of sample predictions."""
+"""Matplotlib figures: training curves, confusion matrix, grids of sample predictions and dataset examples."""
 
 from __future__ import annotations
 
@@ -42,18 +42,29 @@ def confusion_matrix(confusion: np.ndarray, class_names: list[str], title: str) 
     return fig
 
 
-def sample_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                       class_names: list[str], title: str) -> plt.Figure:
-    """Each image titled with its top-1 prediction: green when right, red when wrong."""
-    cols = min(4, len(images))
+def image_grid(images, titles: list[str], title: str, colors: list[str] | None = None, cols: int = 4) -> plt.Figure:
+    cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), constrained_layout=True, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, label, probs in zip(axes.flat, images, labels, probabilities):
-        predicted = int(probs.argmax())
+    for ax, image, text, color in zip(axes.flat, images, titles, colors or ["black"] * len(images)):
         ax.imshow(image)
-        ax.set_title(f"{class_names[predicted]} ({probs[predicted]:.0%})\ntrue: {class_names[label]}",
-                     color="green" if predicted == label else "red", fontsize=9)
+        ax.set_title(text, color=color, fontsize=9)
     fig.suptitle(title)
     return fig
+
+
+def sample_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                       class_names: list[str], title: str) -> plt.Figure:
+    """Each image titled with its top-1 prediction: green when right, red when wrong."""
+    predicted = probabilities.argmax(axis=1)
+    titles = [f"{class_names[p]} ({probs[p]:.0%})\ntrue: {class_names[label]}"
+              for p, probs, label in zip(predicted, probabilities, labels)]
+    colors = ["green" if p == label else "red" for p, label in zip(predicted, labels)]
+    return image_grid(images, titles, title, colors)
+
+
+def dataset_examples(images: list[np.ndarray], labels: list[int], class_names: list[str], title: str) -> plt.Figure:
+    """The dataset as it is: images at their own size and aspect, titled with their class."""
+    return image_grid(images, [f"{class_names[label]} ({label})" for label in labels], title, cols=5)
