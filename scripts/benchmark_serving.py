@@ -15,7 +15,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -75,24 +74,17 @@ def throughput(call, n: int, concurrency: int) -> float:
 
 
 def start_server(model_uri: str | None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from src.serve import free_port, wait_until_up
+    port = free_port()
     command = [sys.executable, "scripts/serve_best.py", f"serve.port={port}"]
     if model_uri:
         command[2:2] = ["--model-uri", model_uri]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if server.poll() is not None:
-            sys.exit(f"error: the server stopped: {server.stderr.read()[-2000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                return server, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
+    if wait_until_up(f"{url}/ping", server, timeout=300):
+        return server, url
     server.kill()
-    sys.exit("error: the server did not answer /ping within 5 minutes")
+    sys.exit(f"error: the server did not answer /ping within 5 minutes: {server.communicate()[1][-2000:]}")
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 
 from src import register  # noqa: E402
-from src.config import PROJECT_ROOT, load_config  # noqa: E402
+from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
 from src.export import write_tfserving  # noqa: E402
 
 
@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=cfg.registry.model_name, help="registered model name")
     args = parser.parse_args(argv)
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    champion = register.champion(mlflow.MlflowClient(), args.name)
-    if champion is None:
-        print(f"error: model '{args.name}' has no {register.CHAMPION} in {cfg.tracking.uri}; run make register-best",
-              file=sys.stderr)
+    try:
+        champion = register.require_champion(mlflow.MlflowClient(), args.name)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     path = write_tfserving(f"models:/{args.name}/{champion.version}", args.output, args.name, int(champion.version))
     print(f"{args.name} version {champion.version} (run {champion.run_id}) -> {path}")

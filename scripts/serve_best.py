@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow  # noqa: E402
-from hydra.errors import ConfigCompositionException, OverrideParseException  # noqa: E402
 
 from src import serve  # noqa: E402
 from src.config import UserError, load_config, validate_serve  # noqa: E402
@@ -32,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         validate_serve(cfg)
         mlflow.set_tracking_uri(cfg.tracking.uri)
         model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
-    except (UserError, OverrideParseException, ConfigCompositionException) as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations",
           flush=True)

@@ -15,9 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from hydra.errors import ConfigCompositionException, OverrideParseException  # noqa: E402
 
 from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
 from src.data import SPLITS, load_splits  # noqa: E402
@@ -36,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.n < 1:
             raise UserError(f"--n {args.n} is invalid: expected a positive number of images")
         splits = load_splits(load_config(*args.overrides).data)
-    except (UserError, OverrideParseException, ConfigCompositionException) as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     examples = list(getattr(splits, args.split).shuffle(10_000, seed=args.seed).take(args.n))
     images = [tf.io.decode_image(image, channels=3, expand_animations=False).numpy() for image, _ in examples]

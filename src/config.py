@@ -6,6 +6,7 @@ import numbers
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,14 +16,18 @@ CONF_DIR = PROJECT_ROOT / "conf"
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 
-def load_config(*overrides: str) -> DictConfig:
-    """The training config, composed as `python train.py <overrides>` would; for scripts and tests."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 class UserError(Exception):
     """Bad input the user can fix. Its message is one line that says how."""
+
+
+def load_config(*overrides: str) -> DictConfig:
+    """The training config, composed as `python train.py <overrides>` would; for scripts and tests."""
+    check_group_choices(list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            return compose(config_name="train", overrides=list(overrides))
+        except (OverrideParseException, ConfigCompositionException) as error:
+            raise UserError(" ".join(str(error).split())) from None
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:

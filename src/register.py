@@ -40,7 +40,7 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
     if experiment is None:
         raise UserError(f"no MLflow experiment '{experiment_name}' in {mlflow.get_tracking_uri()}; "
                         "train first (make train) or pass --experiment")
-    where = [f"attributes.status = 'FINISHED'", f"metrics.`{SELECT_BY}` >= 0"]
+    where = ["attributes.status = 'FINISHED'", f"metrics.`{SELECT_BY}` >= 0"]
     if sweep_run_id:
         _get_run(client, sweep_run_id)
         where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
@@ -60,6 +60,14 @@ def champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
             return None
         raise
     return client.get_model_version(name, version) if version else None
+
+
+def require_champion(client: mlflow.MlflowClient, name: str) -> ModelVersion:
+    version = champion(client, name)
+    if version is None:
+        raise UserError(f"model '{name}' has no {CHAMPION} in {mlflow.get_tracking_uri()}; "
+                        "train, then run make register-best")
+    return version
 
 
 def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:

@@ -10,22 +10,22 @@ size from the header, and that each one decodes (src/pyfunc_model.py).
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
 
 import mlflow
+import requests
 import uvicorn
 from mlflow.pyfunc import scoring_server
 from omegaconf import DictConfig
 
 from src import register
-from src.config import UserError
 
 
 def champion_uri(name: str) -> tuple[str, str]:
     """models:/<name>@champion, and which version and run that is now (the server keeps it until restarted)."""
-    version = register.champion(mlflow.MlflowClient(), name)
-    if version is None:
-        raise UserError(f"model '{name}' has no {register.CHAMPION} in {mlflow.get_tracking_uri()}; "
-                        "train, then run make register-best")
+    version = register.require_champion(mlflow.MlflowClient(), name)
     return f"models:/{name}@{register.CHAMPION}", f"version {version.version}, run {version.run_id}"
 
 
@@ -84,6 +84,25 @@ def build_app(model_uri: str, cfg: DictConfig) -> RequestLimits:
     model.unwrap_python_model().limits.update(
         {key: cfg[key] for key in ("max_images", "max_pixels", "max_request_pixels")})
     return RequestLimits(scoring_server.init(model), int(cfg.max_body_mb * 2**20))
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180.0) -> bool:
+    """Poll `url` until it answers 200 (True), or until the process exits or the time runs out (False)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return True
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    return False
 
 
 def serve(model_uri: str, cfg: DictConfig) -> None:

@@ -47,14 +47,13 @@ def store_lock(uri: str):
     fresh database's tables when a process first opens it. Two processes doing that at once corrupt an
     SQLite file for good ("table _alembic_tmp_tags already exists") and fail on PostgreSQL ("duplicate
     key value violates unique constraint"). A file lock serialises SQLite, an advisory lock PostgreSQL."""
-    scheme = urlparse(uri).scheme
-    if scheme == "sqlite" and uri.startswith("sqlite:///") and ":memory:" not in uri:
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
-    elif scheme.startswith("postgresql"):
+    elif urlparse(uri).scheme.startswith("postgresql"):
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
         with engine.connect() as connection:  # the lock is released when this session ends
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),

@@ -5,11 +5,9 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 
 import mlflow
@@ -24,6 +22,7 @@ from src.config import PROJECT_ROOT
 from src.export import export_saved_model, log_pyfunc_model
 from src.model import build_model
 from src.pyfunc_model import FlowerClassifier
+from src.serve import free_port, wait_until_up
 from tests.conftest import compose_config
 
 CLASSES = ["daisy", "rose", "tulip", "lily"]
@@ -59,12 +58,6 @@ def bomb_png(width=30000, height=30000) -> bytes:
     return png[:8] + chunk + png[8 + 25:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def store(tiny_backbone, tmp_path_factory):
     """A store with one trained-and-registered champion (a tiny model on 4 classes)."""
@@ -90,16 +83,9 @@ def running(command: list[str], port: int, env: dict, ready: str = "/ping"):
                                    start_new_session=True)  # so that stopping it stops its children too
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if requests.get(url + ready, timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.5)
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"the server did not come up: {log.read()[-3000:]}")
+            if not wait_until_up(url + ready, process):
+                log.seek(0)
+                pytest.fail(f"the server did not come up: {log.read()[-3000:]}")
             yield url
         finally:
             os.killpg(process.pid, signal.SIGTERM)
