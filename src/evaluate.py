@@ -15,6 +15,7 @@ class Evaluation:
     metrics: dict[str, float]
     per_class: pd.DataFrame
     confusion: np.ndarray  # rows: true class, columns: predicted class
+    predictions: pd.DataFrame  # one row per image, in the split's order: label, predicted, confidence
 
 
 def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str],
@@ -39,4 +40,7 @@ def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str
     metrics = {"test/accuracy": float((predicted == labels).mean()),
                "test/top5_accuracy": float((top5 == labels[:, None]).any(axis=1).mean()),
                "test/loss": loss_value}
-    return Evaluation(metrics, per_class, confusion)
+    predictions = pd.DataFrame({"label": labels, "predicted": predicted,
+                                "confidence": probabilities[np.arange(len(labels)), predicted]})
+    predictions.index.name = "index"
+    return Evaluation(metrics, per_class, confusion, predictions)

@@ -119,14 +119,12 @@ def _train_and_log(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks)
     }
     mlflow.log_metrics(metrics)
     _log_plots(cfg, model, splits, curves, result.confusion)
-    per_class_csv = output_dir / "per_class_accuracy.csv"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    result.per_class.to_csv(per_class_csv, index=False)
-    mlflow.log_artifact(str(per_class_csv))
+    _log_evaluation(result, splits.class_names, output_dir)
 
     saved_model = export_saved_model(model, splits.class_names, size, cfg.export.top_k,
                                      output_dir / "saved_model" / cfg.export.model_name / str(cfg.export.version))
     mlflow.log_artifacts(str(saved_model.parent.parent), "saved_model")
+    mlflow.log_metric("model/size_mb", sum(f.stat().st_size for f in saved_model.rglob("*") if f.is_file()) / 2**20)
     example = next(iter(splits.test.take(1)))[0].numpy()
     log_pyfunc_model(saved_model, [example])
 
@@ -155,6 +153,19 @@ def _feature_batches(split_features, batch_size: int, shuffle_seed: int | None =
     if shuffle_seed is not None:
         ds = ds.shuffle(len(split_features[1]), seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _log_evaluation(result, class_names: list[str], output_dir: Path) -> None:
+    """The test evaluation as data, for reports: per-class accuracy, the confusion matrix (rows: true class,
+    columns: predicted) and every test image's prediction, by its index in the split."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    confusion = pd.DataFrame(result.confusion, index=pd.Index(class_names, name="true"), columns=class_names)
+    files = {"per_class_accuracy.csv": lambda path: result.per_class.to_csv(path, index=False),
+             "test_confusion_matrix.csv": confusion.to_csv,
+             "test_predictions.csv": result.predictions.to_csv}
+    for name, write in files.items():
+        write(output_dir / name)
+        mlflow.log_artifact(str(output_dir / name))
 
 
 def _log_plots(cfg: DictConfig, model: keras.Model, splits: Splits, curves: pd.DataFrame, confusion) -> None:

@@ -83,7 +83,7 @@ def _experiment_id(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return cfg.tracking.run_name or f"{cfg.backbone.name}-lr{cfg.lr:g}-bs{cfg.batch_size}"
+    return cfg.tracking.run_name or f"{cfg.backbone.name}-lr{cfg.lr:g}-bs{cfg.batch_size}-seed{cfg.seed}"
 
 
 def git_commit() -> str:

@@ -54,9 +54,9 @@ def test_processes_that_open_a_fresh_store_together_all_succeed_and_leave_it_usa
     client.create_run(client.get_experiment_by_name("race").experiment_id)
 
 
-def test_run_name_says_backbone_lr_and_batch_size():
+def test_run_name_says_backbone_lr_batch_size_and_seed():
     assert track.run_name(compose_config("backbone=mobilenet_v2_100_224", "lr=3e-4", "batch_size=64")) == \
-        "mobilenet_v2_100_224-lr0.0003-bs64"
+        "mobilenet_v2_100_224-lr0.0003-bs64-seed42"
     assert track.run_name(compose_config("tracking.run_name=mine")) == "mine"
 
 

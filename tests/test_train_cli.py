@@ -47,7 +47,7 @@ def trained(tiny_backbone, tmp_path_factory):
 def test_one_finished_run_with_a_readable_name_and_every_param(trained):
     result, run, overrides = trained
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "tiny-lr0.05-bs32"
+    assert run.info.run_name == "tiny-lr0.05-bs32-seed42"
     assert "test accuracy" in result.stdout + result.stderr
     expected = flatten(compose_config(*overrides, "backbone.handle=x"))
     assert set(run.data.params) == set(expected)
@@ -63,6 +63,7 @@ def test_per_epoch_and_final_metrics(trained):
     for name in ("val/accuracy_best", "test/accuracy", "test/top5_accuracy", "test/loss", "time/train_s",
                  "time/eval_s"):
         assert np.isfinite(metrics[name]), name
+    assert 0.01 < metrics["model/size_mb"] < 100  # the SavedModel, backbone included
     assert metrics["val/accuracy_best"] == max(m.value for m in client.get_metric_history(run.info.run_id,
                                                                                          "val/accuracy"))
     assert metrics["test/accuracy"] >= 0.75  # four classes: chance is 0.25
@@ -87,6 +88,17 @@ def test_artifacts(trained):
     per_class = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                                 artifact_path="per_class_accuracy.csv"))
     assert list(per_class.class_name) == ["red", "green", "blue", "yellow"] and per_class.images.sum() == 80
+    # the test evaluation as data, for reports: the confusion matrix and each test image's prediction, in order
+    def download(name):
+        return mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)
+
+    confusion = pd.read_csv(download("test_confusion_matrix.csv"), index_col="true")
+    predictions = pd.read_csv(download("test_predictions.csv"), index_col="index")
+    assert list(confusion.index) == list(confusion.columns) == ["red", "green", "blue", "yellow"]
+    assert list(predictions.index) == list(range(80)) and list(predictions["label"]) == [0] * 20 + [1] * 20 + [2] * 20 + [3] * 20
+    assert np.diag(confusion.to_numpy()).tolist() == per_class["correct"].tolist()
+    assert (predictions["label"] == predictions["predicted"]).mean() == pytest.approx(run.data.metrics["test/accuracy"])
+    assert predictions["confidence"].between(0.25, 1).all()
 
 
 def test_logged_models_predict_the_test_images_from_jpeg_bytes(trained):
