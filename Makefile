@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # The store train.py uses (conf/tracking/mlflow.yaml): MLFLOW_TRACKING_URI, or the project's mlflow.db.
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test train ui register-best serve-best export-tfserving serve-best-tfserving clean
+.PHONY: install test train report ui register-best serve-best export-tfserving serve-best-tfserving clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -23,6 +23,10 @@ test: install  ## the whole test suite
 
 train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2_100_224 lr=3e-4"
 	$(PYTHON) train.py $(ARGS)
+
+report: install  ## tables and figures of one experiment's runs into experiments/$(EXPERIMENT)/results; e.g. EXPERIMENT=lr_batch_grid
+	@test -n "$(EXPERIMENT)" || { echo "error: say which experiment: make report EXPERIMENT=<name>, e.g. EXPERIMENT=backbone_comparison" >&2; exit 2; }
+	$(PYTHON) scripts/report.py $(EXPERIMENT) $(ARGS)
 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)

@@ -68,3 +68,81 @@ def sample_predictions(images: np.ndarray, labels: np.ndarray, probabilities: np
 def dataset_examples(images: list[np.ndarray], labels: list[int], class_names: list[str], title: str) -> plt.Figure:
     """The dataset as it is: images at their own size and aspect, titled with their class."""
     return image_grid(images, [f"{class_names[label]} ({label})" for label in labels], title, cols=5)
+
+
+def validation_curves(curves: dict[str, pd.Series], best: str, title: str) -> plt.Figure:
+    """Val accuracy per epoch, one line per run; the best run (selected on validation) drawn thick and black."""
+    fig, ax = plt.subplots(figsize=(11, 5.5), constrained_layout=True)
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, curve) in enumerate(sorted(curves.items())):
+        style = {"color": "black", "linewidth": 2.5, "zorder": 3} if name == best else \
+            {"color": colors[i % len(colors)], "linewidth": 1.2, "alpha": 0.8}
+        ax.plot(curve.index, curve.values, label=f"{name} (best)" if name == best else name, **style)
+    ax.set(xlabel="epoch", ylabel="val accuracy", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, ncols=1 if len(curves) <= 24 else 2)
+    return fig
+
+
+def accuracy_bars(summary: pd.DataFrame, group: str, title: str) -> plt.Figure:
+    """Mean val and test accuracy per `group` value, with error bars of one standard deviation over its runs.
+    `summary` has columns `group`, n, and <metric>_mean / <metric>_std for val/accuracy_best and test/accuracy."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(summary) + 2), 5), constrained_layout=True)
+    x, width = np.arange(len(summary)), 0.38
+    for offset, (metric, label, color, text_color) in zip((-width / 2, width / 2), (
+            ("val/accuracy_best", "val (selects)", "#9ecae1", "black"),
+            ("test/accuracy", "test (reported)", "#3182bd", "white"))):
+        means, stds = summary[f"{metric}_mean"], summary[f"{metric}_std"].fillna(0)
+        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{m:.3f}\n±{s:.3f}" for m, s in zip(means, stds)], label_type="center",
+                     fontsize=8, color=text_color)
+    ax.set_xticks(x, [f"{value}\n(n={n})" for value, n in zip(summary[group], summary["n"])], fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.12), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper right", ncols=2)
+    return fig
+
+
+def accuracy_vs_lr(summary: pd.DataFrame, title: str) -> plt.Figure:
+    """Val and test accuracy against the learning rate (log axis), one line per batch size (and backbone, when
+    there are several); mean over runs, with error bars where there are several."""
+    lines = ["backbone", "batch_size"] if summary["backbone"].nunique() > 1 else ["batch_size"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, constrained_layout=True)
+    for ax, (metric, split) in zip(axes, (("val/accuracy_best", "val (selects)"), ("test/accuracy", "test (reported)"))):
+        for key, rows in summary.sort_values("lr").groupby(lines):
+            ax.errorbar(rows["lr"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
+                        markersize=4, capsize=3, label=", ".join([*key[:-1], f"batch {key[-1]}"]))
+        ax.set_xscale("log")
+        ax.set(xlabel="learning rate", ylabel="accuracy", title=split)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def confused_classes(confusion: pd.DataFrame, title: str, max_classes: int = 14) -> plt.Figure:
+    """The confusion matrix (rows: true, columns: predicted) restricted to the classes in its largest
+    off-diagonal cells, at most `max_classes`, with the counts written in the cells."""
+    counts = confusion.to_numpy().copy()
+    np.fill_diagonal(counts, 0)
+    classes: list[int] = []
+    for flat in np.argsort(-counts, axis=None):
+        true, predicted = np.unravel_index(flat, counts.shape)
+        if counts[true, predicted] == 0 or len(classes) >= max_classes:
+            break
+        classes += [c for c in dict.fromkeys((true, predicted)) if c not in classes][: max_classes - len(classes)]
+    sub = confusion.iloc[classes, classes]
+    errors = np.ma.masked_array(sub.to_numpy(), mask=np.eye(len(classes), dtype=bool))  # colour the mistakes only
+    fig, ax = plt.subplots(figsize=(9.5, 8.5), constrained_layout=True)
+    cmap = plt.get_cmap("Reds").with_extremes(bad="#e8e8e8")
+    image = ax.imshow(errors, cmap=cmap, interpolation="nearest", vmin=0)
+    for (i, j), value in np.ndenumerate(sub.to_numpy()):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                    color="white" if i != j and value > errors.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), sub.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), sub.index, fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.7, label="test images of the row's class predicted as the column's")
+    return fig

@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import mlflow
 import optuna
+import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import UserError
@@ -167,8 +168,9 @@ class PruningCallback(keras.callbacks.Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val accuracy {logs['val_accuracy']:.4f}")
 
 
-def log_study(study: optuna.Study) -> None:
-    """The study's best trial and Optuna's own plots, on the sweep's MLflow run."""
+def log_study(study: optuna.Study, storage: str | None) -> None:
+    """The study's best trial and Optuna's own plots, on the sweep's MLflow run; `make report` finds the
+    study again through the run's optuna.study and optuna.storage tags."""
     from src import plots  # matplotlib with the Agg backend
     from src.sweep import SWEEP_RUN_ENV
 
@@ -178,6 +180,8 @@ def log_study(study: optuna.Study) -> None:
     client = mlflow.MlflowClient()
     states = [t.state for t in study.get_trials(deepcopy=False)]
     client.set_tag(run_id, "optuna.study", study.study_name)
+    if storage:
+        client.set_tag(run_id, "optuna.storage", sqlalchemy.engine.make_url(storage).render_as_string())  # no password
     for state in optuna.trial.TrialState:
         client.log_metric(run_id, f"trials/{state.name.lower()}", states.count(state))
     if not any(state == optuna.trial.TrialState.COMPLETE for state in states):
@@ -187,13 +191,26 @@ def log_study(study: optuna.Study) -> None:
     client.log_metric(run_id, "optuna/best_value", best.value)
     for name, value in best.params.items():
         client.set_tag(run_id, f"optuna.best.{name}", str(value))
-    figures = {"optuna/optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
-    if len([s for s in states if s == optuna.trial.TrialState.COMPLETE]) > 1 and len(best.params) > 1:
-        figures["optuna/param_importances.png"] = optuna.visualization.matplotlib.plot_param_importances
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Optuna's matplotlib plots
-    for artifact_file, plot in figures.items():
-        figure = plot(study).figure
-        figure.set_size_inches(9, 5)
-        figure.tight_layout()
-        client.log_figure(run_id, figure, artifact_file)
+    for artifact_file, figure in study_figures(study).items():
+        client.log_figure(run_id, figure, f"optuna/{artifact_file}")
         plots.plt.close(figure)
+
+
+def study_figures(study: optuna.Study) -> dict:
+    """Optuna's optimization history and, with two or more complete trials and parameters, the parameter
+    importances, as matplotlib figures keyed by file name."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return {}
+    plot_functions = {"optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
+    if len(complete) > 1 and len(study.best_trial.params) > 1:
+        plot_functions["param_importances.png"] = optuna.visualization.matplotlib.plot_param_importances
+    figures = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Optuna's matplotlib plots
+        for name, plot in plot_functions.items():
+            figure = plot(study).figure
+            figure.set_size_inches(9, 5)
+            figure.tight_layout()
+            figures[name] = figure
+    return figures

@@ -17,21 +17,13 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from src import register, track
+from src import register, report, track
 from src.config import UserError
-from src.track import SELECT_BY, TIE_BREAK
+from src.track import SELECT_BY
 
 log = logging.getLogger(__name__)
 
 SWEEP_RUN_ENV = "FLOWERS_SWEEP_RUN_ID"
-COLUMNS = {"tags.mlflow.runName": "run", "status": "status", "params.backbone.name": "backbone",
-           "params.lr": "lr", "params.batch_size": "batch_size", "params.model.dropout": "dropout",
-           "params.model.label_smoothing": "label_smoothing",
-           "params.model.augmentation.enabled": "augmentation", "tags.optuna.trial": "trial",
-           f"metrics.{SELECT_BY}": SELECT_BY, f"metrics.{TIE_BREAK}": TIE_BREAK,
-           "metrics.test/accuracy": "test/accuracy", "metrics.test/top5_accuracy": "test/top5_accuracy",
-           "metrics.epochs_trained": "epochs", "metrics.time/train_s": "time/train_s", "tags.error": "error",
-           "run_id": "run_id"}
 
 
 class MlflowSweepCallback(Callback):
@@ -71,12 +63,8 @@ def end_sweep(status: str) -> None:
 
 def job_table(parent_run_id: str) -> pd.DataFrame:
     """One row per child run of the sweep, best first."""
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    if runs.empty:
-        return pd.DataFrame(columns=list(COLUMNS.values()))
-    table = runs.reindex(columns=list(COLUMNS)).rename(columns=COLUMNS)
-    return table.sort_values([SELECT_BY, TIE_BREAK], ascending=[False, True], na_position="last",
-                             ignore_index=True)
+    return report.runs_table(mlflow.search_runs(search_all_experiments=True,
+                                                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"))
 
 
 def summarize(parent_run_id: str) -> pd.DataFrame:

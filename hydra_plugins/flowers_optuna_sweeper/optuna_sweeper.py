@@ -60,10 +60,10 @@ class OptunaSweeper(Sweeper):
         try:
             returns = self._run_trials(study, arguments)
         except BaseException:
-            search.log_study(study)
+            search.log_study(study, self.cfg.storage)
             end_sweep("FAILED")  # Hydra calls on_multirun_end only after a sweep that returns
             raise
-        search.log_study(study)
+        search.log_study(study, self.cfg.storage)
         return returns
 
     def _run_trials(self, study: optuna.Study, arguments: List[str]) -> List[Any]:

@@ -1,0 +1,45 @@
+"""Tables and figures of one experiment's runs, from MLflow, into experiments/<name>/results and a `report` run.
+
+    python scripts/report.py backbone_comparison          # or: make report EXPERIMENT=backbone_comparison
+    python scripts/report.py optuna_search --optuna-storage postgresql://user:password@host/db
+
+The experiment is an MLflow experiment, usually made by `python train.py -m experiment=<name>`. The store is
+MLFLOW_TRACKING_URI or the project's mlflow.db. The folder's previous results are replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlflow  # noqa: E402
+
+from src import report  # noqa: E402
+from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", help="MLflow experiment name, e.g. backbone_comparison")
+    parser.add_argument("--out", type=Path, help="output folder (default: experiments/<experiment>/results)")
+    parser.add_argument("--optuna-storage", metavar="URL",
+                        help="the study's storage, when its logged URL has no password or has moved")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = args.out or PROJECT_ROOT / "experiments" / args.experiment / "results"
+    try:
+        mlflow.set_tracking_uri(load_config().tracking.uri)
+        files = report.write_report(mlflow.MlflowClient(), args.experiment, out, args.optuna_storage)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"report of '{args.experiment}' in {out} (and logged to its `report` run): {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

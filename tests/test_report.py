@@ -1,0 +1,214 @@
+"""Reports: the table and per-configuration summary built from a small synthetic MLflow store, the files and the
+`report` run they make, and `experiment=<name>` sweeps reported end to end on synthetic data."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from src import report
+from src.config import CONF_DIR, PROJECT_ROOT, UserError
+from tests.conftest import compose_config
+
+CLASSES = ["red", "green", "blue", "yellow"]
+
+
+def log_run(client, experiment_id, backbone, lr, seed, val, test, *, val_loss=0.5, status="FINISHED",
+            parent=None, curve=(0.5, 0.7)):
+    tags = {"mlflow.runName": f"{backbone}-lr{lr:g}-seed{seed}"} | ({"mlflow.parentRunId": parent} if parent else {})
+    run = client.create_run(experiment_id, tags=tags)
+    run_id = run.info.run_id
+    params = {"backbone.name": backbone, "lr": str(lr), "batch_size": "32", "model.dropout": "0.2",
+              "model.label_smoothing": "0.1", "model.augmentation.enabled": "False",
+              "model.normalize_features": "True", "seed": str(seed)}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    if status == "FINISHED":
+        metrics = {"val/accuracy_best": val, "val/loss_at_best": val_loss, "test/accuracy": test,
+                   "test/top5_accuracy": min(1.0, test + 0.1), "epochs_trained": len(curve), "best_epoch": len(curve),
+                   "time/train_s": 3.0, "model/size_mb": 12.5}
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        for step, value in enumerate(curve, start=1):
+            client.log_metric(run_id, "val/accuracy", value, step=step)
+    else:
+        client.set_tag(run_id, "error", "ValueError: boom")
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def log_evaluation(client, run_id, tmp_path):
+    """What the pipeline logs for a run on data=synthetic: its config, test predictions and confusion matrix."""
+    labels = np.repeat(np.arange(4), 20)
+    predicted = labels.copy()
+    predicted[[0, 1, 2, 25, 45]] = [1, 1, 2, 0, 3]  # five mistakes in the 80 synthetic test images
+    folder = tmp_path / f"evaluation-{run_id}"
+    folder.mkdir()
+    predictions = pd.DataFrame({"label": labels, "predicted": predicted,
+                                "confidence": np.linspace(0.3, 0.99, 80)}).rename_axis("index")
+    predictions.to_csv(folder / "test_predictions.csv")
+    confusion = np.zeros((4, 4), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    pd.DataFrame(confusion, index=pd.Index(CLASSES, name="true"), columns=CLASSES).to_csv(
+        folder / "test_confusion_matrix.csv")
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(compose_config("data=synthetic"), resolve=True))
+    client.log_artifacts(run_id, str(folder))
+
+
+@pytest.fixture
+def store(tracking_uri, tmp_path):
+    """Experiment "grid": two backbones, one of them over 3 seeds at two lrs, a failed run, a sweep run."""
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("grid", artifact_location=str(tmp_path / "artifacts"))
+    sweep = client.create_run(experiment_id, tags={"sweep": "true", "mlflow.runName": "sweep-1"}).info.run_id
+    ids = {}
+    for seed, (val, test) in zip((1, 2, 3), ((0.80, 0.78), (0.82, 0.80), (0.84, 0.79))):
+        ids["a", 0.01, seed] = log_run(client, experiment_id, "a", 0.01, seed, val, test, parent=sweep)
+    ids["a", 0.1, 1] = log_run(client, experiment_id, "a", 0.1, 1, 0.70, 0.72, parent=sweep)
+    ids["b", 0.01, 1] = log_run(client, experiment_id, "b", 0.01, 1, 0.86, 0.81, val_loss=0.4, parent=sweep,
+                                curve=(0.6, 0.86, 0.85))
+    ids["b", 0.01, 2] = log_run(client, experiment_id, "b", 0.01, 2, 0.86, 0.83, val_loss=0.3, parent=sweep)
+    ids["failed"] = log_run(client, experiment_id, "b", 0.1, 1, None, None, status="FAILED", parent=sweep)
+    client.set_terminated(sweep)
+    log_evaluation(client, ids["b", 0.01, 2], tmp_path)
+    return client, ids, sweep
+
+
+def test_table_has_one_row_per_training_run_best_on_validation_first(store):
+    client, ids, sweep = store
+    table = report.experiment_runs(client, "grid")
+    assert sweep not in set(table["run_id"]) and len(table) == 7
+    # val 0.86 twice: the lower val loss (0.3, seed 2) wins; the failed run, without metrics, comes last
+    assert list(table["run_id"]) == [ids["b", 0.01, 2], ids["b", 0.01, 1], ids["a", 0.01, 3], ids["a", 0.01, 2],
+                                     ids["a", 0.01, 1], ids["a", 0.1, 1], ids["failed"]]
+    assert list(table.columns) == list(report.COLUMNS.values())
+    first, last = table.iloc[0], table.iloc[-1]
+    assert (first["backbone"], first["lr"], first["batch_size"], first["seed"]) == ("b", 0.01, 32, 2)
+    assert (first["test/accuracy"], first["model/size_mb"], first["epochs"]) == (0.83, 12.5, 2)
+    assert (last["status"], last["error"]) == ("FAILED", "ValueError: boom") and pd.isna(last["val/accuracy_best"])
+
+
+def test_summary_groups_seeds_of_one_configuration_with_mean_and_std(store):
+    client, _, _ = store
+    summary = report.summarize_configurations(report.experiment_runs(client, "grid"))
+    assert [(r.backbone, r.lr, r.n) for r in summary.itertuples()] == [("b", 0.01, 2), ("a", 0.01, 3), ("a", 0.1, 1)]
+    seeds = summary.iloc[1]
+    assert seeds["val/accuracy_best_mean"] == pytest.approx(0.82)
+    assert seeds["val/accuracy_best_std"] == pytest.approx(0.02)  # sample std of 0.80, 0.82, 0.84
+    assert seeds["test/accuracy_mean"] == pytest.approx(0.79) and seeds["test/accuracy_std"] == pytest.approx(0.01)
+    assert pd.isna(summary.iloc[2]["test/accuracy_std"])
+    # per backbone: its configuration with the best mean val accuracy
+    per_backbone = report.by_backbone(report.experiment_runs(client, "grid"))
+    assert [(r.backbone, r.lr, r.n) for r in per_backbone.itertuples()] == [("a", 0.01, 3), ("b", 0.01, 2)]
+
+
+def test_unknown_or_empty_experiment_is_a_one_line_error(store):
+    client, _, _ = store
+    with pytest.raises(UserError, match=r"no MLflow experiment 'nope' .*experiments there: Default, grid$"):
+        report.experiment_runs(client, "nope")
+    client.create_experiment("empty")
+    with pytest.raises(UserError, match="'empty' has no training runs yet; run it first"):
+        report.experiment_runs(client, "empty")
+
+
+def test_report_writes_tables_and_figures_replaces_old_results_and_logs_a_report_run(store, tmp_path):
+    client, ids, _ = store
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"from an earlier report")
+    files = report.write_report(client, "grid", out)
+    assert files == sorted(p.name for p in out.iterdir())
+    assert set(files) == {"runs.csv", "runs.md", "summary.csv", "summary.md", "validation_curves.png",
+                          "accuracy_by_backbone.png", "accuracy_vs_lr.png", "best_run_confusions.png",
+                          "best_run_mistakes.jpg"}
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["run_id"].tolist()[0] == ids["b", 0.01, 2] and len(runs) == 7
+    [seeds_row] = [line for line in (out / "summary.md").read_text().splitlines() if "0.8200 ± 0.0200" in line]
+    assert seeds_row.split("|")[1].strip() == "a" and "|   3 |" in seeds_row and "0.7900 ± 0.0100" in seeds_row
+    for figure in [*out.glob("*.png"), *out.glob("*.jpg")]:
+        assert Image.open(figure).size[0] > 500
+    [report_run] = client.search_runs([client.get_experiment_by_name("grid").experiment_id], "tags.report = 'true'")
+    assert report_run.data.tags["report.best_run_id"] == ids["b", 0.01, 2]
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    assert logged == {f"report/{name}" for name in files}
+    # a second report leaves the first report run out of its table
+    report.write_report(client, "grid", out)
+    assert len(pd.read_csv(out / "runs.csv")) == 7
+
+
+def test_report_draws_the_optuna_study_of_the_experiments_sweep(store, tmp_path):
+    client, _, sweep = store
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for lr, dropout in ((0.01, 0.1), (0.1, 0.5), (0.03, 0.3)):
+        study.enqueue_trial({"lr": lr, "model.dropout": dropout})
+    study.optimize(lambda t: t.suggest_float("lr", 1e-3, 1, log=True) - t.suggest_float("model.dropout", 0, 1) / 10,
+                   n_trials=3)
+    client.set_tag(sweep, "optuna.study", "s")
+    client.set_tag(sweep, "optuna.storage", storage)
+    files = report.write_report(client, "grid", tmp_path / "results")
+    assert {"optuna_optimization_history.png", "optuna_param_importances.png"} <= set(files)
+
+
+def test_a_storage_logged_without_its_password_stops_the_report_before_anything_is_written(store, tmp_path):
+    client, _, sweep = store
+    client.set_tag(sweep, "optuna.study", "s")
+    client.set_tag(sweep, "optuna.storage", "postgresql://user:***@db/optuna")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "kept.csv").write_text("an earlier report\n")
+    with pytest.raises(UserError, match="without its password; pass it with --optuna-storage URL"):
+        report.write_report(client, "grid", out)
+    assert [p.name for p in out.iterdir()] == ["kept.csv"]
+    assert not client.search_runs([client.get_experiment_by_name("grid").experiment_id], "tags.report = 'true'")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_each_experiment_config_names_its_mlflow_experiment_and_has_a_readme(name):
+    cfg = compose_config(f"experiment={name}")
+    assert cfg.tracking.experiment_name == name
+    assert (PROJECT_ROOT / "experiments" / name / "README.md").is_file()
+
+
+def test_an_experiment_sweep_then_make_report(tmp_path, tiny_backbone):
+    """`python train.py -m experiment=lr_batch_grid` (its grid cut to 2 x 1 on the command line, which
+    replaces the config's sweep values key by key; synthetic data), then
+    `make report EXPERIMENT=lr_batch_grid` into a temporary folder."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    sweep = subprocess.run(
+        [sys.executable, "train.py", "-m", "experiment=lr_batch_grid", "data=synthetic", "backbone.name=tiny",
+         f"backbone.handle={tiny_backbone}", "epochs=2", "trainer.verbose=0", "lr=0.01,0.1",
+         "batch_size=32", f"tracking.artifact_location={tmp_path}/art",
+         f"paths.cache_dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/multirun/{uuid.uuid4().hex[:8]}"],
+        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    out = tmp_path / "results"
+    made = subprocess.run(["make", "--no-print-directory", "report", "EXPERIMENT=lr_batch_grid", f"ARGS=--out {out}"],
+                          cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert f"report of 'lr_batch_grid' in {out}" in made.stdout
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["lr"]) == [0.01, 0.1] and set(runs["status"]) == {"FINISHED"}
+    assert (runs["model/size_mb"] > 0).all() and runs["test/accuracy"].between(0, 1).all()
+    assert {"accuracy_vs_lr.png", "best_run_confusions.png", "validation_curves.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_make_report_without_an_experiment_or_with_an_unknown_one_says_what_to_do(tracking_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    missing = subprocess.run(["make", "--no-print-directory", "report"], cwd=PROJECT_ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0
+    assert "error: say which experiment: make report EXPERIMENT=<name>" in missing.stderr
+    unknown = subprocess.run([sys.executable, "scripts/report.py", "nope"], cwd=PROJECT_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines()[-1].startswith("error: no MLflow experiment 'nope'")
