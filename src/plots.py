@@ -71,14 +71,17 @@ def dataset_examples(images: list[np.ndarray], labels: list[int], class_names: l
 
 
 def validation_curves(curves: dict[str, pd.Series], best: str, title: str) -> plt.Figure:
-    """Val accuracy per epoch, one line per run; the best run (selected on validation) drawn thick and black."""
+    """Val accuracy per epoch, one line per run (keyed by its label); the best run, selected on validation,
+    drawn thick and black."""
     fig, ax = plt.subplots(figsize=(11, 5.5), constrained_layout=True)
     colors = plt.get_cmap("tab20").colors
     for i, (name, curve) in enumerate(sorted(curves.items())):
         style = {"color": "black", "linewidth": 2.5, "zorder": 3} if name == best else \
             {"color": colors[i % len(colors)], "linewidth": 1.2, "alpha": 0.8}
         ax.plot(curve.index, curve.values, label=f"{name} (best)" if name == best else name, **style)
-    ax.set(xlabel="epoch", ylabel="val accuracy", title=title)
+    # the first epochs' low values would squeeze the part where runs differ: start 0.1 below the worst run's best
+    low = max(0.0, min(curve.max() for curve in curves.values()) - 0.1)
+    ax.set(xlabel="epoch", ylabel="val accuracy", title=title, ylim=(low, None))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, ncols=1 if len(curves) <= 24 else 2)
@@ -93,10 +96,11 @@ def accuracy_bars(summary: pd.DataFrame, group: str, title: str) -> plt.Figure:
     for offset, (metric, label, color, text_color) in zip((-width / 2, width / 2), (
             ("val/accuracy_best", "val (selects)", "#9ecae1", "black"),
             ("test/accuracy", "test (reported)", "#3182bd", "white"))):
-        means, stds = summary[f"{metric}_mean"], summary[f"{metric}_std"].fillna(0)
-        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=label, color=color)
-        ax.bar_label(bars, labels=[f"{m:.3f}\n±{s:.3f}" for m, s in zip(means, stds)], label_type="center",
-                     fontsize=8, color=text_color)
+        means, stds = summary[f"{metric}_mean"], summary[f"{metric}_std"].where(summary["n"] > 1)
+        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=label, color=color)  # none for n=1
+        ax.bar_label(bars, labels=[f"{m:.3f}" + (f"\n±{s:.3f}" if n > 1 else "")
+                                   for m, s, n in zip(means, stds, summary["n"])],
+                     label_type="center", fontsize=8, color=text_color)
     ax.set_xticks(x, [f"{value}\n(n={n})" for value, n in zip(summary[group], summary["n"])], fontsize=8)
     ax.set(ylabel="accuracy", ylim=(0, 1.12), title=title)
     ax.grid(axis="y", alpha=0.3)
@@ -104,15 +108,17 @@ def accuracy_bars(summary: pd.DataFrame, group: str, title: str) -> plt.Figure:
     return fig
 
 
-def accuracy_vs_lr(summary: pd.DataFrame, title: str) -> plt.Figure:
-    """Val and test accuracy against the learning rate (log axis), one line per batch size (and backbone, when
-    there are several); mean over runs, with error bars where there are several."""
+def accuracy_vs_lr(summary: pd.DataFrame, title: str, connect: bool = True) -> plt.Figure:
+    """Val and test accuracy against the learning rate (log axis), one colour per batch size (and backbone, when
+    there are several); mean over runs, with error bars where there are several. Points are joined by lines only
+    when `connect`: when nothing else varies between them."""
     lines = ["backbone", "batch_size"] if summary["backbone"].nunique() > 1 else ["batch_size"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, constrained_layout=True)
     for ax, (metric, split) in zip(axes, (("val/accuracy_best", "val (selects)"), ("test/accuracy", "test (reported)"))):
         for key, rows in summary.sort_values("lr").groupby(lines):
-            ax.errorbar(rows["lr"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
-                        markersize=4, capsize=3, label=", ".join([*key[:-1], f"batch {key[-1]}"]))
+            ax.errorbar(rows["lr"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].where(rows["n"] > 1),
+                        marker="o", markersize=4, capsize=3, linestyle="-" if connect else "none",
+                        label=", ".join([*key[:-1], f"batch {key[-1]}"]))
         ax.set_xscale("log")
         ax.set(xlabel="learning rate", ylabel="accuracy", title=split)
         ax.grid(alpha=0.3, which="both")
@@ -131,7 +137,9 @@ def confused_classes(confusion: pd.DataFrame, title: str, max_classes: int = 14)
         true, predicted = np.unravel_index(flat, counts.shape)
         if counts[true, predicted] == 0 or len(classes) >= max_classes:
             break
-        classes += [c for c in dict.fromkeys((true, predicted)) if c not in classes][: max_classes - len(classes)]
+        pair = [c for c in (true, predicted) if c not in classes]
+        if len(classes) + len(pair) <= max_classes:  # both classes of a confusion, or neither
+            classes += pair
     sub = confusion.iloc[classes, classes]
     errors = np.ma.masked_array(sub.to_numpy(), mask=np.eye(len(classes), dtype=bool))  # colour the mistakes only
     fig, ax = plt.subplots(figsize=(9.5, 8.5), constrained_layout=True)

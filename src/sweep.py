@@ -73,10 +73,11 @@ def summarize(parent_run_id: str) -> pd.DataFrame:
     table = job_table(parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "summary.csv", index=False)
-        (Path(tmp) / "summary.md").write_text(table.drop(columns=["run_id"]).dropna(axis=1, how="all").to_markdown(index=False) + "\n")
+        (Path(tmp) / "summary.md").write_text(report.markdown(table.drop(columns=["run_id"]),
+                                                                    report.configuration_columns(table)))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.csv"))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.md"))
-    finished = table[(table["status"] == "FINISHED") & table[SELECT_BY].notna()]
+    finished = report.finished(table)
     client.log_metric(parent_run_id, "jobs", len(table))
     client.log_metric(parent_run_id, "jobs_failed", int((table["status"] == "FAILED").sum()))
     if len(finished):

@@ -89,25 +89,47 @@ def test_table_has_one_row_per_training_run_best_on_validation_first(store):
     # val 0.86 twice: the lower val loss (0.3, seed 2) wins; the failed run, without metrics, comes last
     assert list(table["run_id"]) == [ids["b", 0.01, 2], ids["b", 0.01, 1], ids["a", 0.01, 3], ids["a", 0.01, 2],
                                      ids["a", 0.01, 1], ids["a", 0.1, 1], ids["failed"]]
-    assert list(table.columns) == list(report.COLUMNS.values())
+    assert list(table.columns) == ["run", "status", *report.CONFIGURATION.values(), "seed", *report.RESULTS.values()]
     first, last = table.iloc[0], table.iloc[-1]
     assert (first["backbone"], first["lr"], first["batch_size"], first["seed"]) == ("b", 0.01, 32, 2)
-    assert (first["test/accuracy"], first["model/size_mb"], first["epochs"]) == (0.83, 12.5, 2)
+    assert (first["test/accuracy"], first["model/size_mb"], first["epochs_trained"]) == (0.83, 12.5, 2)
     assert (last["status"], last["error"]) == ("FAILED", "ValueError: boom") and pd.isna(last["val/accuracy_best"])
 
 
 def test_summary_groups_seeds_of_one_configuration_with_mean_and_std(store):
-    client, _, _ = store
+    client, _, sweep = store
+    # as good as b on val accuracy, worse on val loss: ranked after b, as runs are (though "aa" sorts first)
+    log_run(client, client.get_experiment_by_name("grid").experiment_id, "aa", 0.01, 1, 0.86, 0.99, val_loss=0.9,
+            parent=sweep)
     summary = report.summarize_configurations(report.experiment_runs(client, "grid"))
-    assert [(r.backbone, r.lr, r.n) for r in summary.itertuples()] == [("b", 0.01, 2), ("a", 0.01, 3), ("a", 0.1, 1)]
-    seeds = summary.iloc[1]
+    assert [(r.backbone, r.lr, r.n) for r in summary.itertuples()] == [
+        ("b", 0.01, 2), ("aa", 0.01, 1), ("a", 0.01, 3), ("a", 0.1, 1)]
+    seeds = summary.iloc[2]
     assert seeds["val/accuracy_best_mean"] == pytest.approx(0.82)
     assert seeds["val/accuracy_best_std"] == pytest.approx(0.02)  # sample std of 0.80, 0.82, 0.84
     assert seeds["test/accuracy_mean"] == pytest.approx(0.79) and seeds["test/accuracy_std"] == pytest.approx(0.01)
-    assert pd.isna(summary.iloc[2]["test/accuracy_std"])
+    assert pd.isna(summary.iloc[3]["test/accuracy_std"])
     # per backbone: its configuration with the best mean val accuracy
-    per_backbone = report.by_backbone(report.experiment_runs(client, "grid"))
-    assert [(r.backbone, r.lr, r.n) for r in per_backbone.itertuples()] == [("a", 0.01, 3), ("b", 0.01, 2)]
+    per_backbone = report.by_backbone(summary)
+    assert [(r.backbone, r.lr, r.n) for r in per_backbone.itertuples()] == [("a", 0.01, 3), ("aa", 0.01, 1),
+                                                                           ("b", 0.01, 2)]
+
+
+def test_a_param_that_varies_is_shown_and_splits_configurations_a_killed_run_is_listed_not_summarised(store):
+    client, ids, sweep = store
+    experiment_id = client.get_experiment_by_name("grid").experiment_id
+    short = log_run(client, experiment_id, "a", 0.01, 1, 0.9, 0.5, parent=sweep)
+    client.log_param(short, "epochs", "2")  # e.g. a smoke run left in the experiment
+    for run_id in ids.values():
+        client.log_param(run_id, "epochs", "60")
+    killed = log_run(client, experiment_id, "a", 0.01, 4, None, None, status="KILLED", parent=sweep)
+    client.log_param(killed, "epochs", "60")
+    table = report.experiment_runs(client, "grid")
+    assert "epochs" in report.configuration_columns(table) and table.iloc[0]["run_id"] == short
+    assert table.loc[table["run_id"] == killed, "status"].item() == "KILLED"
+    summary = report.summarize_configurations(table)
+    assert [(r.backbone, r.epochs, r.n) for r in summary.itertuples()][:2] == [("a", "2", 1), ("b", "60", 2)]
+    assert summary["n"].sum() == 7  # the 6 finished runs and the short one; not the failed or killed runs
 
 
 def test_unknown_or_empty_experiment_is_a_one_line_error(store):
@@ -158,6 +180,49 @@ def test_report_draws_the_optuna_study_of_the_experiments_sweep(store, tmp_path)
     assert {"optuna_optimization_history.png", "optuna_param_importances.png"} <= set(files)
 
 
+def test_a_study_kept_in_memory_leaves_out_the_optuna_figures_and_a_missing_one_is_an_error(store, tmp_path):
+    client, _, sweep = store
+    client.set_tag(sweep, "optuna.study", "s")  # no optuna.storage: the study was in memory
+    files = report.write_report(client, "grid", tmp_path / "results")
+    assert not [f for f in files if f.startswith("optuna")] and "runs.csv" in files
+    missing = tmp_path / "nowhere" / "optuna.db"
+    with pytest.raises(UserError, match=f"sqlite:///{missing} does not exist here; pass its storage with"):
+        report.write_report(client, "grid", tmp_path / "results", optuna_storage=f"sqlite:///{missing}")
+    assert not missing.parent.exists()  # looking for it created nothing
+
+
+def test_log_study_tags_the_storage_without_its_password(tracking_uri, monkeypatch):
+    from src import search
+    from src.sweep import SWEEP_RUN_ENV
+
+    run_id = mlflow.MlflowClient().create_run("0").info.run_id
+    monkeypatch.setenv(SWEEP_RUN_ENV, run_id)
+    study = optuna.create_study(study_name="s", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("lr", 0, 1) + t.suggest_float("dropout", 0, 1), n_trials=3)
+    search.log_study(study, "postgresql://user:secret@db:5432/optuna")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.tags["optuna.storage"] == "postgresql://user:***@db:5432/optuna"
+    assert run.data.tags["optuna.study"] == "s" and run.data.tags["optuna.best_trial"] == str(study.best_trial.number)
+
+
+def test_data_that_changed_since_the_run_stops_the_report_and_leaves_folder_and_store_as_they_were(store, tmp_path):
+    client, ids, _ = store
+    best = ids["b", 0.01, 2]
+    changed = pd.DataFrame({"label": np.repeat([3, 2, 1, 0], 20), "predicted": np.zeros(80, dtype=int),
+                            "confidence": 0.9}).rename_axis("index")
+    changed.to_csv(tmp_path / "test_predictions.csv")
+    client.log_artifact(best, str(tmp_path / "test_predictions.csv"))  # labels that the synthetic data does not have
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "kept.csv").write_text("an earlier report\n")
+    with pytest.raises(UserError, match=r"test image \d+ of synthetic has label \d, but run .* logged \d: the data "
+                                        "changed since the run"):
+        report.write_report(client, "grid", out)
+    assert [p.name for p in tmp_path.joinpath("results").parent.iterdir() if p.name.startswith((".results", "results"))] \
+        == ["results"] and [p.name for p in out.iterdir()] == ["kept.csv"]
+    assert not client.search_runs([client.get_experiment_by_name("grid").experiment_id], "tags.report = 'true'")
+
+
 def test_a_storage_logged_without_its_password_stops_the_report_before_anything_is_written(store, tmp_path):
     client, _, sweep = store
     client.set_tag(sweep, "optuna.study", "s")
@@ -165,7 +230,7 @@ def test_a_storage_logged_without_its_password_stops_the_report_before_anything_
     out = tmp_path / "results"
     out.mkdir()
     (out / "kept.csv").write_text("an earlier report\n")
-    with pytest.raises(UserError, match="without its password; pass it with --optuna-storage URL"):
+    with pytest.raises(UserError, match="without its password; pass its storage with --optuna-storage URL"):
         report.write_report(client, "grid", out)
     assert [p.name for p in out.iterdir()] == ["kept.csv"]
     assert not client.search_runs([client.get_experiment_by_name("grid").experiment_id], "tags.report = 'true'")
@@ -199,7 +264,10 @@ def test_an_experiment_sweep_then_make_report(tmp_path, tiny_backbone):
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["lr"]) == [0.01, 0.1] and set(runs["status"]) == {"FINISHED"}
     assert (runs["model/size_mb"] > 0).all() and runs["test/accuracy"].between(0, 1).all()
-    assert {"accuracy_vs_lr.png", "best_run_confusions.png", "validation_curves.png"} <= {p.name for p in out.iterdir()}
+    files = {p.name for p in out.iterdir()}
+    assert {"accuracy_vs_lr.png", "accuracy_by_backbone.png", "validation_curves.png"} <= files
+    # the best run's confusion and mistake figures exist when it made a mistake
+    assert ({"best_run_confusions.png", "best_run_mistakes.jpg"} <= files) == (runs["test/accuracy"].iloc[0] < 1)
 
 
 def test_make_report_without_an_experiment_or_with_an_unknown_one_says_what_to_do(tracking_uri):
