@@ -66,5 +66,6 @@ class HubFeatureVector(keras.layers.Layer):
 
 
 def load_backbone(cfg: DictConfig) -> HubFeatureVector:
+    """float32 under any precision policy: a SavedModel computes in the dtype it was saved with."""
     return HubFeatureVector(cfg.handle, trainable=cfg.trainable, train_batchnorm=cfg.train_batchnorm,
-                            name=cfg.name)
+                            name=cfg.name, dtype="float32")

@@ -21,9 +21,12 @@ class Evaluation:
 def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str],
              loss: keras.losses.Loss) -> Evaluation:
     """One pass over `batches` of (model inputs, int labels): images, or cached features for a head."""
+    # A plain call in one graph, not predict_on_batch: under a MirroredStrategy that returns each replica's
+    # outputs for the whole batch, stacked (twice the rows on two devices).
+    predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
     probabilities, labels = [], []
     for inputs, batch_labels in batches:
-        probabilities.append(model.predict_on_batch(inputs))
+        probabilities.append(predict(inputs).numpy())
         labels.append(batch_labels.numpy())
     probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
     num_classes = len(class_names)

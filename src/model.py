@@ -22,16 +22,17 @@ def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
 
 
 def build_head(num_classes: int, cfg: DictConfig) -> keras.Sequential:
-    """[unit-normalise features] -> dropout -> dense softmax."""
+    """[unit-normalise features] -> dropout -> dense -> softmax. The softmax is float32 under mixed precision."""
     normalize = [layers.UnitNormalization()] if cfg.normalize_features else []
-    return keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes, activation="softmax")],
-                            name="head")
+    return keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes),
+                             layers.Activation("softmax", dtype="float32")], name="head")
 
 
 def _resized_and_scaled(input_size):
+    """float32 whatever the precision policy, so that cached features and the exported model see the same pixels."""
     images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, name="resize")(images)
-    return images, layers.Rescaling(1 / 255, name="scale")(x)
+    x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, dtype="float32", name="resize")(images)
+    return images, layers.Rescaling(1 / 255, dtype="float32", name="scale")(x)
 
 
 def build_model(backbone: keras.layers.Layer, input_size, num_classes: int, cfg: DictConfig, seed: int,

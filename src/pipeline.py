@@ -22,7 +22,7 @@ from src.data import SPLITS, Splits, load_splits, make_batches
 from src.evaluate import evaluate
 from src.export import export_saved_model, log_pyfunc_model
 from src.model import build_feature_extractor, build_head, build_model
-from src.train import compile_model, fit, make_loss, make_optimizer
+from src.train import compile_model, configure_cpu_devices, fit, make_loss, make_optimizer, make_strategy, precision
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,18 @@ log = logging.getLogger(__name__)
 class Inputs:
     splits: Splits
     backbone: HubFeatureVector
+    strategy: tf.distribute.Strategy
 
 
 def prepare(cfg: DictConfig) -> Inputs:
-    """Everything that fails on bad input: config values, the dataset, the backbone."""
+    """Everything that fails on bad input: config values, devices, the dataset, the backbone."""
+    configure_cpu_devices(cfg.trainer.cpu_devices)  # before anything starts TensorFlow
     validate(cfg)
     make_optimizer(cfg)
-    return Inputs(load_splits(cfg.data), load_backbone(cfg.backbone))
+    strategy = make_strategy(cfg.trainer)
+    splits = load_splits(cfg.data)
+    with strategy.scope():  # the backbone's variables are the strategy's (mirrored) variables
+        return Inputs(splits, load_backbone(cfg.backbone), strategy)
 
 
 def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None,
@@ -72,8 +77,13 @@ def _mlflow_run(cfg: DictConfig, parent_run_id: str | None):
 
 
 def _train_and_log(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks) -> dict[str, float]:
-    splits, backbone = inputs.splits, inputs.backbone
-    mlflow.set_tags(track.run_tags(cfg, splits.name, splits.version))
+    with precision(cfg.trainer.mixed_precision):
+        return _train_and_log_with_policy(cfg, inputs, output_dir, callbacks)
+
+
+def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks) -> dict[str, float]:
+    splits, backbone, strategy = inputs.splits, inputs.backbone, inputs.strategy
+    mlflow.set_tags(track.run_tags(cfg, splits.name, splits.version, strategy))
     keras.utils.set_random_seed(cfg.seed)
     size, num_classes = tuple(cfg.backbone.input_size), len(splits.class_names)
     callbacks = [track.EpochMetrics(), *callbacks]
@@ -84,16 +94,18 @@ def _train_and_log(cfg: DictConfig, inputs: Inputs, output_dir: Path, callbacks)
     if use_cache:
         cached = _cached_features(cfg, splits, backbone)
         mlflow.log_metric("time/features_s", time.perf_counter() - start)  # ~0 once the cache holds them
-        head = build_head(num_classes, cfg.model)
-        head.build((None, cached["train"][0].shape[1]))
-        compile_model(head, cfg)
+        with strategy.scope():
+            head = build_head(num_classes, cfg.model)
+            head.build((None, cached["train"][0].shape[1]))
+            compile_model(head, cfg)
         history = fit(head, _feature_batches(cached["train"], cfg.batch_size, cfg.seed),
                       _feature_batches(cached["validation"], cfg.batch_size), num_classes, cfg, callbacks)
         model = build_model(backbone, size, num_classes, cfg.model, cfg.seed, head=head)
         evaluated, test_batches = head, _feature_batches(cached["test"], cfg.batch_size)
     else:
-        model = build_model(backbone, size, num_classes, cfg.model, cfg.seed)
-        compile_model(model, cfg)
+        with strategy.scope():
+            model = build_model(backbone, size, num_classes, cfg.model, cfg.seed)
+            compile_model(model, cfg)
         history = fit(model, make_batches(splits.train, size, cfg.batch_size, cache=cfg.data.cache,
                                           shuffle_seed=cfg.seed),
                       make_batches(splits.validation, size, cfg.batch_size, cache=cfg.data.cache),
@@ -177,7 +189,7 @@ def _log_plots(cfg: DictConfig, model: keras.Model, splits: Splits, curves: pd.D
         "plots/confusion_matrix.png": plots.confusion_matrix(confusion, splits.class_names,
                                                              f"{name}: test confusion matrix"),
         "plots/test_predictions.png": plots.sample_predictions(images.numpy(), labels.numpy(),
-                                                               model.predict_on_batch(images), splits.class_names,
+                                                               model(images, training=False).numpy(), splits.class_names,
                                                                f"{name}: test predictions"),
     }
     for artifact_file, figure in figures.items():

@@ -98,12 +98,19 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def device_tags() -> dict[str, str]:
+def device_tags(strategy: tf.distribute.Strategy) -> dict[str, str]:
+    """The devices the job trains on: their kind and model, and how many the strategy uses."""
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
-        return {"device": "GPU", "device.name": ", ".join(sorted(set(names))), "device.count": str(len(gpus))}
-    return {"device": "CPU", "device.name": _cpu_model(), "device.count": "1"}
+        kind, model = "GPU", ", ".join(sorted(set(names)))
+    else:
+        kind, model = "CPU", _cpu_model()
+    try:
+        devices = [d.rsplit("/", 1)[-1].removeprefix("device:") for d in strategy.extended.worker_devices]
+    except RuntimeError:  # the default strategy has no device list: it runs on TensorFlow's default device
+        devices = [f"{kind}:0"]
+    return {"device": kind, "device.name": model, "device.count": str(len(devices)), "devices": ", ".join(devices)}
 
 
 def _cpu_model() -> str:
@@ -114,7 +121,10 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def run_tags(cfg: DictConfig, dataset: str, dataset_version: str) -> dict[str, str]:
+def run_tags(cfg: DictConfig, dataset: str, dataset_version: str,
+             strategy: tf.distribute.Strategy | None = None) -> dict[str, str]:
+    """`strategy`: the job's; the default one if None. `precision` is the Keras dtype policy in effect."""
+    strategy = strategy or tf.distribute.get_strategy()
     return {
         "git_commit": git_commit(),
         "backbone": cfg.backbone.name,
@@ -122,7 +132,10 @@ def run_tags(cfg: DictConfig, dataset: str, dataset_version: str) -> dict[str, s
         "dataset_version": dataset_version,
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
-        **device_tags(),
+        "strategy": cfg.trainer.strategy,
+        "replicas": str(strategy.num_replicas_in_sync),
+        "precision": keras.config.dtype_policy().name,
+        **device_tags(strategy),
     }
 
 

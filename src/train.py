@@ -1,12 +1,66 @@
-"""Training: compile with the configured optimizer and loss, fit with early stopping on val accuracy."""
+"""Training: devices, distribution strategy and precision; compile with the configured optimizer and loss;
+fit with early stopping on val accuracy."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import UserError
+
+STRATEGIES = ("default", "mirrored")
+
+
+def configure_cpu_devices(count: int | None) -> None:
+    """Split the CPU into `count` logical devices, e.g. to run strategy=mirrored without GPUs. TensorFlow
+    allows this only before it initialises its devices, i.e. once per process."""
+    if count is None:
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"trainer.cpu_devices={count!r} is invalid: expected null or a positive integer, e.g. 2")
+    [cpu] = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:  # devices already initialised: fine if they are what was asked for
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise UserError(f"trainer.cpu_devices={count}: TensorFlow already started with "
+                            f"{len(tf.config.list_logical_devices('CPU'))} CPU device(s) in this process; "
+                            "set it for the first job of the process, or run jobs in separate processes") from None
+
+
+def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
+    """`default`: one device. `mirrored`: data parallel over every GPU, or over the logical CPU devices on a
+    machine without GPUs (trainer.cpu_devices)."""
+    if cfg.strategy not in STRATEGIES:
+        raise UserError(f"trainer.strategy={cfg.strategy!r} is unknown; use one of: {', '.join(STRATEGIES)}")
+    if cfg.strategy == "default":
+        return tf.distribute.get_strategy()
+    if tf.config.list_logical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices("CPU")])
+
+
+def precision_policy(mixed: bool) -> str:
+    """Keras's dtype policy: float16 compute on GPUs, bfloat16 elsewhere (CPUs and TPUs have bfloat16 units,
+    and it needs no loss scaling); variables stay float32."""
+    if not mixed:
+        return "float32"
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+@contextmanager
+def precision(mixed: bool):
+    """Layers built inside use the policy; the process's global policy is restored after (sweeps run several
+    jobs in one process)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision_policy(mixed))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def make_loss(cfg: DictConfig) -> keras.losses.Loss:

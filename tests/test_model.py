@@ -28,7 +28,7 @@ def test_raw_uint8_images_of_any_size_go_in_and_class_probabilities_come_out(tin
 def test_layers_run_in_order_resize_scale_augment_backbone_head(tiny_backbone):
     names = [layer.name for layer in make_model(tiny_backbone).layers]
     assert names == ["image", "resize", "scale", "augmentation", "tiny", "head"]
-    assert [type(layer).__name__ for layer in make_model(tiny_backbone).get_layer("head").layers] == ["Dropout", "Dense"]
+    assert [type(layer).__name__ for layer in make_model(tiny_backbone).get_layer("head").layers] == ["Dropout", "Dense", "Activation"]
 
 
 def test_augmentation_is_active_only_in_training(tiny_backbone, images):
@@ -46,7 +46,7 @@ def test_augmentation_can_be_switched_off(tiny_backbone, images):
 def test_the_head_can_unit_normalize_the_features(tiny_backbone):
     model = make_model(tiny_backbone, "model.normalize_features=true")
     kinds = [type(layer).__name__ for layer in model.get_layer("head").layers]
-    assert kinds == ["UnitNormalization", "Dropout", "Dense"]
+    assert kinds == ["UnitNormalization", "Dropout", "Dense", "Activation"]
 
 
 def test_augmentation_layers_follow_the_config(tiny_backbone):

@@ -66,6 +66,7 @@ def test_tags_name_commit_data_device_and_versions():
     assert (tags["dataset"], tags["dataset_version"]) == ("oxford_flowers102", "2.1.1")
     assert len(tags["git_commit"].removesuffix("-dirty")) == 40
     assert tags["device"] in ("CPU", "GPU") and tags["device.name"] and int(tags["device.count"]) >= 1
+    assert (tags["strategy"], tags["replicas"], tags["precision"]) == ("default", "1", "float32")
     assert tags["keras_version"] == keras.__version__
 
 
