@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # The store train.py uses (conf/tracking/mlflow.yaml): MLFLOW_TRACKING_URI, or the project's mlflow.db.
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test train report ui register-best serve-best export-tfserving serve-best-tfserving clean
+.PHONY: install test train report ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -43,6 +43,9 @@ export-tfserving: install  ## the champion's SavedModel in TF Serving's layout: 
 serve-best-tfserving: export-tfserving  ## the champion in a tensorflow/serving container on 127.0.0.1:$(TFSERVING_PORT)
 	docker build -f docker/tfserving.Dockerfile -t flowers-tfserving outputs/tfserving
 	docker run --rm -p 127.0.0.1:$(TFSERVING_PORT):8501 flowers-tfserving
+
+export-tflite: install  ## the champion as float16 and int8 TFLite models, checked on test: outputs/tflite/flowers-v<version>
+	$(PYTHON) scripts/export_tflite.py $(ARGS)
 
 clean:  ## remove run outputs (not the MLflow store)
 	rm -rf outputs .pytest_cache

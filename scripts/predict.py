@@ -3,6 +3,7 @@
     python scripts/predict.py rose.jpg daisy.png                         # in-process: models:/flowers@champion
     python scripts/predict.py *.jpg --url http://127.0.0.1:8080          # a running `make serve-best`
     python scripts/predict.py rose.jpg --model-uri runs:/<run id>/model --top-k 3 --json
+    python scripts/predict.py rose.jpg --tflite outputs/tflite/flowers-v1/int8.tflite   # make export-tflite
 
 --json prints one object per image and line: {"file", "top_k": [{"class_name", "label", "score"}, ...]}.
 """
@@ -54,6 +55,33 @@ def in_process(model_uri: str):
     return predict
 
 
+def tflite_model(path: Path, top_k: int):
+    """A TFLite export (labels.txt beside it); the same image checks and resizing as the MLflow model."""
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.exceptions import MlflowException
+
+    from src.data import decode_and_resize
+    from src.pyfunc_model import LIMITS, read_image
+    from src.tflite import Classifier
+
+    labels = path.with_name("labels.txt")
+    if not path.is_file() or not labels.is_file():
+        raise UserError(f"{path} or the labels.txt beside it is missing; write them with make export-tflite")
+    classifier, names = Classifier(path), labels.read_text().splitlines()
+
+    def predict(images: list[bytes]) -> list[list[dict]]:
+        try:
+            images = [read_image(image, i, LIMITS["max_pixels"])[0] for i, image in enumerate(images)]
+        except MlflowException as error:
+            raise UserError(error.message) from None
+        pixels = np.stack([decode_and_resize(tf.constant(image), classifier.input_size).numpy() for image in images])
+        probabilities = classifier(pixels)
+        return [[{"class_name": names[j], "label": int(j), "score": float(row[j])} for j in np.argsort(-row)[:top_k]]
+                for row in probabilities]
+    return predict
+
+
 def _message(response: requests.Response) -> str:
     try:
         message = response.json()["message"]
@@ -69,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
     where.add_argument("--model-uri", help=f"default models:/{cfg.registry.model_name}@champion, in-process")
+    where.add_argument("--tflite", type=Path, help="a TFLite export (make export-tflite), run with LiteRT")
     parser.add_argument("--top-k", type=int, help="classes per image; default all the model returns (export.top_k)")
     parser.add_argument("--batch-size", type=int, default=cfg.serve.max_images, help="images per request, at most")
     parser.add_argument("--batch-mb", type=float, default=cfg.serve.max_body_mb / 2,
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"no such file: {', '.join(missing)}")
         if args.url:
             predict = lambda images: predict_url(args.url, images)  # noqa: E731
+        elif args.tflite:
+            predict = tflite_model(args.tflite, cfg.export.top_k)
         else:
             import mlflow
             mlflow.set_tracking_uri(cfg.tracking.uri)

@@ -6,6 +6,8 @@ import keras
 from keras import layers
 from omegaconf import DictConfig
 
+from src.backbone import HubFeatureVector
+
 
 def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
     """Random flip, rotation, zoom and contrast on [0, 1] images; identity outside training."""
@@ -50,3 +52,11 @@ def build_feature_extractor(backbone: keras.layers.Layer, input_size) -> keras.M
     """uint8 image -> the backbone's features, through the same resize and scale as the classifier."""
     images, x = _resized_and_scaled(input_size)
     return keras.Model(images, backbone(x), name="feature_extractor")
+
+
+def classify_resized(model: keras.Model):
+    """`model` without its resize layer: uint8 images already at the input size (as `decode_and_resize` gives
+    them) -> probabilities. TFLite runs this: it has no antialiased resize op."""
+    scale, head = model.get_layer("scale"), model.get_layer("head")
+    backbone = next(layer for layer in model.layers if isinstance(layer, HubFeatureVector))
+    return lambda images: head(backbone(scale(images), training=False), training=False)

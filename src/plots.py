@@ -154,3 +154,19 @@ def confused_classes(confusion: pd.DataFrame, title: str, max_classes: int = 14)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, shrink=0.7, label="test images of the row's class predicted as the column's")
     return fig
+
+
+def model_comparison(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Test accuracy, size and one-image latency per model (rows of `table`: model, test/accuracy, size_mb,
+    latency_ms)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
+    for ax, (column, label, fmt) in zip(axes, (("test/accuracy", "test accuracy", "{:.4f}"),
+                                               ("size_mb", "size (MB)", "{:.1f}"),
+                                               ("latency_ms", "latency, one image (ms)", "{:.1f}"))):
+        bars = ax.bar(table["model"], table[column], color=["#3182bd", "#9ecae1", "#fdae6b", "#a1d99b"][:len(table)])
+        ax.bar_label(bars, labels=[fmt.format(v) for v in table[column]], fontsize=8)
+        ax.set(title=label, ylabel=label)
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    return fig

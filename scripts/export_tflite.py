@@ -1,0 +1,102 @@
+"""The champion as float16 and int8 TFLite models, checked against its SavedModel on the test split.
+
+    python scripts/export_tflite.py                      # or: make export-tflite
+    python scripts/export_tflite.py --model-uri runs:/<run id>/model --test-images 500
+
+Writes <output>/<name>-v<version>/{float16,int8}.tflite and labels.txt, and comparison.{csv,md,png}: test
+accuracy, agreement with the SavedModel, size and one-image CPU latency of each. The same files are logged to
+the model's MLflow run under tflite/. The int8 model is calibrated on train images, never on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from src import register  # noqa: E402
+from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-uri", help=f"default models:/{cfg.registry.model_name}@champion")
+    parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "tflite")
+    parser.add_argument("--representative", type=int, default=200, help="train images that calibrate int8")
+    parser.add_argument("--test-images", type=int, help="compare on the first N test images (default: all)")
+    args = parser.parse_args(argv)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    try:
+        if args.representative < 1 or (args.test_images is not None and args.test_images < 1):
+            raise UserError("--representative and --test-images must be positive")
+        uri, run_id, label = _model(mlflow.MlflowClient(), args.model_uri, cfg.registry.model_name)
+        folder = args.output / label
+        table = export(uri, run_id, folder, args.representative, args.test_images)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"-> {folder} (logged to run {run_id} under tflite/)")
+    return 0
+
+
+def _model(client: mlflow.MlflowClient, model_uri: str | None, name: str) -> tuple[str, str, str]:
+    """(model URI, its run id, a folder name)."""
+    if model_uri is None:
+        champion = register.require_champion(client, name)
+        return f"models:/{name}/{champion.version}", champion.run_id, f"{name}-v{champion.version}"
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as error:
+        raise UserError(f"cannot find model {model_uri}: {' '.join(str(error).split())[:200]}") from None
+    return model_uri, info.run_id, f"run-{info.run_id}"
+
+
+def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None):
+    from src import plots, tflite
+    from src.data import load_splits, make_batches
+    from src.export import saved_model_of
+
+    run_cfg = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    size, splits = tuple(run_cfg.backbone.input_size), load_splits(run_cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved_model = saved_model_of(model_uri, Path(tmp))
+        calibration = next(iter(make_batches(splits.train, size, representative, shuffle_seed=run_cfg.seed)))[0].numpy()
+        models = {q: tflite.convert(saved_model, q, calibration) for q in tflite.QUANTIZATIONS}
+        test = make_batches(splits.test, size, 32)
+        if test_images:
+            test = make_batches(splits.test.take(test_images), size, 32)
+        first_image = next(iter(test))[0].numpy()[0]
+        table = tflite.compare(saved_model, models, test, first_image)
+    staging = Path(tempfile.mkdtemp())
+    try:
+        for quantization, content in models.items():
+            (staging / f"{quantization}.tflite").write_bytes(content)
+        (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")
+        table.to_csv(staging / "comparison.csv", index=False)
+        (staging / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+        figure = plots.model_comparison(table, f"{model_uri}: SavedModel against TFLite on {int(table.images[0])} "
+                                               "test images (this CPU)")
+        figure.savefig(staging / "comparison.png", dpi=110)
+        plots.plt.close(figure)
+        mlflow.MlflowClient().log_artifacts(run_id, str(staging), "tflite")
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, folder)
+    finally:
+        shutil.rmtree(staging)
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""TFLite: the exported SavedModel's `classify_resized` signature as float16 and int8 TFLite models, run with the
+LiteRT interpreter (`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing),
+and checked against the SavedModel on the test split: accuracy, agreement, size and one-image latency.
+
+The TFLite models take uint8 images already resized to the model's input size (`decode_and_resize`, as in
+training) and return the class probabilities; the scaling to [0, 1] is inside. Their class names are in
+`labels.txt` beside them, one per line, in label order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from src.config import UserError
+from src.export import CLASSIFY_RESIZED
+
+QUANTIZATIONS = ("float16", "int8")
+
+
+def convert(saved_model_dir: Path, quantization: str, representative: np.ndarray | None = None) -> bytes:
+    """float16: weights stored as float16. int8: weights and activations int8 (post-training quantisation),
+    calibrated on `representative` images (uint8, [n, height, width, 3], from train)."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"quantization {quantization!r} is unknown; use one of: {', '.join(QUANTIZATIONS)}")
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    if CLASSIFY_RESIZED not in loaded.signatures:
+        raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: it was exported before TFLite "
+                        "export existed; train and register a new model")
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[CLASSIFY_RESIZED])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    else:
+        converter.representative_dataset = lambda: ({"images": image[None]} for image in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def interpreter(model: bytes | Path, threads: int | None = None):
+    """A LiteRT interpreter for a .tflite file or its bytes."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # TensorFlow's own, deprecated since 2.20
+        Interpreter = tf.lite.Interpreter
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    return Interpreter(**source, num_threads=threads)
+
+
+class Classifier:
+    """uint8 images at the input size -> probabilities, with one TFLite interpreter."""
+
+    def __init__(self, model: bytes | Path, threads: int | None = None):
+        self.runner = interpreter(model, threads).get_signature_runner(CLASSIFY_RESIZED)
+        details = self.runner.get_input_details()["images"]
+        self.input_size = tuple(int(d) for d in details["shape"][1:3])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.runner(images=images)["probabilities"]
+
+
+def compare(saved_model_dir: Path, tflite_models: dict[str, bytes], batches, latency_image: np.ndarray,
+            latency_runs: int = 50) -> pd.DataFrame:
+    """Each model's accuracy on `batches` of (uint8 images, labels), its top-1 agreement with the SavedModel,
+    its size and its median latency for one image on this CPU."""
+    reference = tf.saved_model.load(str(saved_model_dir)).signatures[CLASSIFY_RESIZED]
+    models = {"saved_model": lambda images: reference(images=tf.constant(images))["probabilities"].numpy()}
+    models |= {name: Classifier(content) for name, content in tflite_models.items()}
+    predicted = {name: [] for name in models}
+    labels = []
+    for images, batch_labels in batches:
+        images = images.numpy()
+        for name, model in models.items():
+            predicted[name].append(model(images).argmax(axis=1))
+        labels.append(batch_labels.numpy())
+    labels = np.concatenate(labels)
+    predicted = {name: np.concatenate(p) for name, p in predicted.items()}
+    sizes = {"saved_model": sum(f.stat().st_size for f in Path(saved_model_dir).rglob("*") if f.is_file())}
+    sizes |= {name: len(content) for name, content in tflite_models.items()}
+    rows = []
+    for name, model in models.items():
+        rows.append({"model": name, "test/accuracy": float((predicted[name] == labels).mean()),
+                     "agreement_with_saved_model": float((predicted[name] == predicted["saved_model"]).mean()),
+                     "size_mb": sizes[name] / 2**20, "latency_ms": _latency(model, latency_image, latency_runs),
+                     "images": len(labels)})
+    table = pd.DataFrame(rows)
+    table["size_vs_saved_model"] = table["size_mb"] / table.loc[0, "size_mb"]
+    table["accuracy_vs_saved_model_points"] = 100 * (table["test/accuracy"] - table.loc[0, "test/accuracy"])
+    return table
+
+
+def _latency(model, image: np.ndarray, runs: int) -> float:
+    batch = image[None]
+    for _ in range(5):  # warm up: graph tracing, allocation
+        model(batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(batch)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))

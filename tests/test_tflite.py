@@ -1,0 +1,99 @@
+"""TFLite export: float16 and int8 models of a run (synthetic data, tiny backbone), compared with its SavedModel,
+logged to the run, and run by scripts/predict.py --tflite."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.config import PROJECT_ROOT, UserError
+from src.data import load_splits, make_batches
+from src.pipeline import run_job
+from src.tflite import Classifier, convert, interpreter
+from tests.conftest import compose_config
+
+sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+import export_tflite  # noqa: E402
+
+
+@pytest.fixture
+def exported(synthetic_cfg, tmp_path):
+    cfg = synthetic_cfg.copy()
+    cfg.merge_with({"epochs": 3, "lr": 0.05, "model": {"augmentation": {"enabled": False}}})
+    run_job(cfg, tmp_path / "job")
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    out = tmp_path / "tflite"
+    assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(out),
+                               "--representative", "40"]) == 0
+    return run, out / f"run-{run.info.run_id}", cfg
+
+
+def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run(exported):
+    run, folder, _ = exported
+    assert {p.name for p in folder.iterdir()} == {"float16.tflite", "int8.tflite", "labels.txt", "comparison.csv",
+                                                  "comparison.md", "comparison.png"}
+    table = pd.read_csv(folder / "comparison.csv")
+    assert list(table["model"]) == ["saved_model", "float16", "int8"] and set(table["images"]) == {80}
+    assert table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
+    assert (table["agreement_with_saved_model"] >= 0.95).all() and (table["test/accuracy"] >= 0.75).all()
+    sizes = dict(zip(table["model"], table["size_mb"]))
+    assert sizes["int8"] <= sizes["float16"] < sizes["saved_model"]
+    assert sizes["int8"] == pytest.approx((folder / "int8.tflite").stat().st_size / 2**20)
+    assert (table["latency_ms"] > 0).all()
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tflite")}
+    assert logged == {f"tflite/{p.name}" for p in folder.iterdir()}
+    assert (folder / "labels.txt").read_text().split() == ["red", "green", "blue", "yellow"]
+
+
+def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):
+    _, folder, cfg = exported
+    classifier = Classifier(folder / "int8.tflite")
+    tensors = interpreter(folder / "int8.tflite").get_tensor_details()
+    assert sum(d["dtype"] == np.int8 for d in tensors) > len(tensors) / 2  # weights and activations
+    images, labels = next(iter(make_batches(load_splits(cfg.data).test, classifier.input_size, 80)))
+    probabilities = classifier(images.numpy())
+    assert probabilities.shape == (80, 4) and np.allclose(probabilities.sum(axis=1), 1, atol=0.02)
+    assert (probabilities.argmax(axis=1) == labels.numpy()).mean() >= 0.75
+
+
+def test_predict_runs_the_tflite_file_and_rejects_what_is_not_an_image(exported, tmp_path):
+    _, folder, cfg = exported
+    files = []
+    for i, (image, label) in enumerate(load_splits(cfg.data).test.shard(20, 0)):
+        files.append(tmp_path / f"{i}_{int(label)}.jpg")
+        files[-1].write_bytes(image.numpy())
+    result = subprocess.run([sys.executable, "scripts/predict.py", *map(str, files), "--tflite",
+                             str(folder / "int8.tflite"), "--json"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == len(files) == 4 and all(len(r["top_k"]) == 4 for r in rows)
+    right = [r["top_k"][0]["label"] == int(r["file"].rsplit("_", 1)[1].split(".")[0]) for r in rows]
+    assert sum(right) >= 3
+    (tmp_path / "notes.txt").write_text("not an image")
+    bad = subprocess.run([sys.executable, "scripts/predict.py", str(tmp_path / "notes.txt"), "--tflite",
+                          str(folder / "int8.tflite")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'notes.txt'}: image 0 is not an image; "
+                                                   "send JPEG, PNG, GIF, BMP, WEBP")
+
+
+def test_a_saved_model_without_the_resized_images_signature_is_a_one_line_error(tmp_path):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.f = tf.function(lambda x: x + 1, input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "old"), signatures={"serving_default": module.f})
+    with pytest.raises(UserError, match="has no 'classify_resized' signature: it was exported before"):
+        convert(tmp_path / "old", "int8")
+
+
+def test_without_a_champion_export_tflite_says_what_to_do(tracking_uri, capsys):
+    assert export_tflite.main([]) == 1
+    assert "error: " in capsys.readouterr().err
+    with pytest.raises(UserError, match="quantization 'int4' is unknown; use one of: float16, int8"):
+        convert(compose_config().paths.root_dir, "int4")
