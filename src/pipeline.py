@@ -22,7 +22,8 @@ from src.data import SPLITS, Splits, load_splits, make_batches
 from src.evaluate import evaluate
 from src.export import export_saved_model, log_pyfunc_model
 from src.model import build_feature_extractor, build_head, build_model
-from src.train import compile_model, configure_cpu_devices, fit, make_loss, make_optimizer, make_strategy, precision
+from src.train import (compile_model, configure_cpu_devices, fit, make_loss, make_optimizer, make_strategy, precision,
+                       profiler)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
     keras.utils.set_random_seed(cfg.seed)
     size, num_classes = tuple(cfg.backbone.input_size), len(splits.class_names)
     callbacks = [track.EpochMetrics(), *callbacks]
+    if cfg.trainer.profile:
+        callbacks.append(profiler(output_dir / "tensorboard"))
 
     use_cache = features.applies(cfg)
     mlflow.set_tag("feature_cache", str(use_cache).lower())
@@ -112,6 +115,8 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
                       num_classes, cfg, callbacks)
         evaluated, test_batches = model, make_batches(splits.test, size, cfg.batch_size)
     train_seconds = time.perf_counter() - start
+    if cfg.trainer.profile:
+        mlflow.log_artifacts(str(output_dir / "tensorboard"), "tensorboard")
 
     start = time.perf_counter()
     result = evaluate(evaluated, test_batches, splits.class_names, make_loss(cfg))

@@ -4,6 +4,7 @@ fit with early stopping on val accuracy."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import keras
 import tensorflow as tf
@@ -79,6 +80,12 @@ def make_optimizer(cfg: DictConfig) -> keras.optimizers.Optimizer:
 def compile_model(model: keras.Model, cfg: DictConfig) -> None:
     model.compile(optimizer=make_optimizer(cfg), loss=make_loss(cfg),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def profiler(log_dir: Path) -> keras.callbacks.TensorBoard:
+    """A TensorFlow Profiler trace of training steps 2 to 5 (after the first step's tracing), with the epoch
+    metrics, in TensorBoard's layout under `log_dir`."""
+    return keras.callbacks.TensorBoard(log_dir=str(log_dir), profile_batch=(2, 5), write_graph=False)
 
 
 def one_hot(batches: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import keras
 import mlflow
@@ -96,3 +97,15 @@ def test_under_mixed_precision_the_head_computes_in_bfloat16_with_float32_weight
     dense, softmax = head.layers[-2], head.layers[-1]
     assert (dense.compute_dtype, dense.kernel.dtype, softmax.compute_dtype) == ("bfloat16", "float32", "float32")
     assert head(np.ones((2, 8), "float32")).dtype == "float32"
+
+
+def test_profile_logs_a_tensorflow_profiler_trace_of_training_steps_to_the_run(synthetic_cfg, tmp_path):
+    cfg = synthetic_cfg.copy()
+    cfg.merge_with({"epochs": 1, "batch_size": 16, "model": {"augmentation": {"enabled": False}},
+                    "trainer": {"profile": True}})
+    run_job(cfg, tmp_path)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="tensorboard",
+                                                dst_path=str(tmp_path / "download"))
+    traces = list(Path(local).rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].parent.parent.name == "profile" and traces[0].stat().st_size > 1000
