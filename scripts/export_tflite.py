@@ -1,16 +1,18 @@
-"""The champion as float16 and int8 TFLite models, checked against its SavedModel on the test split.
+"""The champion as float16 and int8 TFLite models and an OpenVINO model, checked against its SavedModel on test.
 
     python scripts/export_tflite.py                      # or: make export-tflite
     python scripts/export_tflite.py --model-uri runs:/<run id>/model --test-images 500
 
-Writes <output>/<name>-v<version>/{float16,int8}.tflite and labels.txt, and comparison.{csv,md,png}: test
-accuracy, agreement with the SavedModel, size and one-image CPU latency of each. The same files are logged to
-the model's MLflow run under tflite/. The int8 model is calibrated on train images, never on test.
+Writes <output>/<name>-v<version>/{float16,int8}.tflite, labels.txt, openvino.{xml,bin} (when the openvino
+package is installed), and comparison.{csv,md,png}: test accuracy, agreement with the SavedModel, size and
+one-image CPU latency of each. The same files are logged to the model's MLflow run under tflite/. The int8
+model is calibrated on train images, never on test.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -62,41 +64,39 @@ def _model(client: mlflow.MlflowClient, model_uri: str | None, name: str) -> tup
 
 
 def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None):
-    from src import plots, tflite
+    from src import plots, runtimes
     from src.data import load_splits, make_batches
     from src.export import saved_model_of
 
     run_cfg = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
     size, splits = tuple(run_cfg.backbone.input_size), load_splits(run_cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
-        saved_model = saved_model_of(model_uri, Path(tmp))
+        saved_model, staging = saved_model_of(model_uri, Path(tmp) / "download"), Path(tmp) / "staging"
+        staging.mkdir()
         calibration = next(iter(make_batches(splits.train, size, representative, shuffle_seed=run_cfg.seed)))[0].numpy()
-        models = {q: tflite.convert(saved_model, q, calibration) for q in tflite.QUANTIZATIONS}
-        test = make_batches(splits.test, size, 32)
-        if test_images:
-            test = make_batches(splits.test.take(test_images), size, 32)
-        first_image = next(iter(test))[0].numpy()[0]
-        table = tflite.compare(saved_model, models, test, first_image)
-    staging = Path(tempfile.mkdtemp())
-    try:
-        for quantization, content in models.items():
-            (staging / f"{quantization}.tflite").write_bytes(content)
+        files, runners = {}, {}
+        for quantization in runtimes.QUANTIZATIONS:
+            files[quantization] = [staging / f"{quantization}.tflite"]
+            files[quantization][0].write_bytes(runtimes.convert(saved_model, quantization, calibration))
+            runners[quantization] = runtimes.Classifier(files[quantization][0])
+        if importlib.util.find_spec("openvino"):
+            runners["openvino"], openvino_precision = runtimes.to_openvino(saved_model, staging)
+            files["openvino"] = [staging / "openvino.xml", staging / "openvino.bin"]
+        test = make_batches(splits.test.take(test_images) if test_images else splits.test, size, 32)
+        table = runtimes.compare(saved_model, files, runners, test, next(iter(test))[0].numpy()[0])
+        if "openvino" in runners:
+            table.loc[table["model"] == "openvino", "model"] = f"openvino ({openvino_precision})"
         (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")
         table.to_csv(staging / "comparison.csv", index=False)
         (staging / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
-        figure = plots.model_comparison(table, f"{model_uri}: SavedModel against TFLite on {int(table.images[0])} "
-                                               "test images (this CPU)")
+        figure = plots.model_comparison(table, f"{model_uri}: SavedModel against TFLite and OpenVINO on "
+                                               f"{int(table.images[0])} test images (this CPU)")
         figure.savefig(staging / "comparison.png", dpi=110)
         plots.plt.close(figure)
         mlflow.MlflowClient().log_artifacts(run_id, str(staging), "tflite")
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(staging, folder)
-    finally:
-        shutil.rmtree(staging)
     return table
-
 
 if __name__ == "__main__":
     sys.exit(main())

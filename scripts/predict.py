@@ -63,7 +63,7 @@ def tflite_model(path: Path, top_k: int):
 
     from src.data import decode_and_resize
     from src.pyfunc_model import LIMITS, read_image
-    from src.tflite import Classifier
+    from src.runtimes import Classifier
 
     labels = path.with_name("labels.txt")
     if not path.is_file() or not labels.is_file():

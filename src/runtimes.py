@@ -1,10 +1,10 @@
-"""TFLite: the exported SavedModel's `classify_resized` signature as float16 and int8 TFLite models, run with the
-LiteRT interpreter (`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing),
-and checked against the SavedModel on the test split: accuracy, agreement, size and one-image latency.
+"""CPU inference runtimes for the exported model: TFLite (float16, int8) run with the LiteRT interpreter
+(`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing) and OpenVINO, compared
+with the SavedModel on the test split: accuracy, agreement, size and one-image latency.
 
-The TFLite models take uint8 images already resized to the model's input size (`decode_and_resize`, as in
-training) and return the class probabilities; the scaling to [0, 1] is inside. Their class names are in
-`labels.txt` beside them, one per line, in label order.
+All of them convert the SavedModel's `classify_resized` signature: uint8 images already resized to the model's
+input size (`decode_and_resize`, as in training) -> class probabilities; the scaling to [0, 1] is inside. The
+TFLite models' class names are in `labels.txt` beside them, one per line, in label order.
 """
 
 from __future__ import annotations
@@ -63,13 +63,28 @@ class Classifier:
         return self.runner(images=images)["probabilities"]
 
 
-def compare(saved_model_dir: Path, tflite_models: dict[str, bytes], batches, latency_image: np.ndarray,
+def to_openvino(saved_model_dir: Path, folder: Path):
+    """The signature as an OpenVINO model, saved as `folder`/openvino.{xml,bin} (weights compressed to float16,
+    OpenVINO's default); returns a function of uint8 images and the inference precision OpenVINO's CPU plugin
+    chose (bfloat16 on CPUs with bfloat16 units, unless told otherwise)."""
+    import openvino
+
+    loaded = tf.saved_model.load(str(saved_model_dir))  # alive while its signature is converted
+    openvino.save_model(openvino.convert_model(loaded.signatures[CLASSIFY_RESIZED]), str(folder / "openvino.xml"))
+    compiled = openvino.Core().compile_model(str(folder / "openvino.xml"), "CPU")
+    return (lambda images: compiled(images)[0]), str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+
+def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches, latency_image: np.ndarray,
             latency_runs: int = 50) -> pd.DataFrame:
     """Each model's accuracy on `batches` of (uint8 images, labels), its top-1 agreement with the SavedModel,
-    its size and its median latency for one image on this CPU."""
-    reference = tf.saved_model.load(str(saved_model_dir)).signatures[CLASSIFY_RESIZED]
-    models = {"saved_model": lambda images: reference(images=tf.constant(images))["probabilities"].numpy()}
-    models |= {name: Classifier(content) for name, content in tflite_models.items()}
+    its size (`files`) and its median latency for one image on this CPU. `runners`: name -> function of uint8
+    images; the SavedModel comes first."""
+    loaded = tf.saved_model.load(str(saved_model_dir))  # the signature needs the object that holds its variables
+    reference = loaded.signatures[CLASSIFY_RESIZED]
+    models = {"saved_model": lambda images: reference(images=tf.constant(images))["probabilities"].numpy(),
+              **runners}
+    files = {"saved_model": [f for f in Path(saved_model_dir).rglob("*") if f.is_file()], **files}
     predicted = {name: [] for name in models}
     labels = []
     for images, batch_labels in batches:
@@ -79,8 +94,7 @@ def compare(saved_model_dir: Path, tflite_models: dict[str, bytes], batches, lat
         labels.append(batch_labels.numpy())
     labels = np.concatenate(labels)
     predicted = {name: np.concatenate(p) for name, p in predicted.items()}
-    sizes = {"saved_model": sum(f.stat().st_size for f in Path(saved_model_dir).rglob("*") if f.is_file())}
-    sizes |= {name: len(content) for name, content in tflite_models.items()}
+    sizes = {name: sum(f.stat().st_size for f in paths) for name, paths in files.items()}
     rows = []
     for name, model in models.items():
         rows.append({"model": name, "test/accuracy": float((predicted[name] == labels).mean()),

@@ -1,5 +1,5 @@
-"""TFLite export: float16 and int8 models of a run (synthetic data, tiny backbone), compared with its SavedModel,
-logged to the run, and run by scripts/predict.py --tflite."""
+"""CPU runtimes: float16 and int8 TFLite models and an OpenVINO model of a run (synthetic data, tiny backbone),
+compared with its SavedModel, logged to the run; scripts/predict.py --tflite."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits, make_batches
 from src.pipeline import run_job
-from src.tflite import Classifier, convert, interpreter
+from src.runtimes import Classifier, convert, interpreter
 from tests.conftest import compose_config
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
@@ -34,14 +34,17 @@ def exported(synthetic_cfg, tmp_path):
 
 def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run(exported):
     run, folder, _ = exported
-    assert {p.name for p in folder.iterdir()} == {"float16.tflite", "int8.tflite", "labels.txt", "comparison.csv",
-                                                  "comparison.md", "comparison.png"}
+    assert {p.name for p in folder.iterdir()} == {"float16.tflite", "int8.tflite", "openvino.xml", "openvino.bin",
+                                                  "labels.txt", "comparison.csv", "comparison.md", "comparison.png"}
     table = pd.read_csv(folder / "comparison.csv")
-    assert list(table["model"]) == ["saved_model", "float16", "int8"] and set(table["images"]) == {80}
+    assert list(table["model"])[:3] == ["saved_model", "float16", "int8"] and set(table["images"]) == {80}
+    assert table["model"][3].startswith("openvino (")  # with the precision OpenVINO's CPU plugin chose
     assert table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
     assert (table["agreement_with_saved_model"] >= 0.95).all() and (table["test/accuracy"] >= 0.75).all()
     sizes = dict(zip(table["model"], table["size_mb"]))
     assert sizes["int8"] <= sizes["float16"] < sizes["saved_model"]
+    assert table["size_mb"][3] == pytest.approx(sum((folder / f).stat().st_size for f in ("openvino.xml", "openvino.bin"))
+                                                / 2**20)
     assert sizes["int8"] == pytest.approx((folder / "int8.tflite").stat().st_size / 2**20)
     assert (table["latency_ms"] > 0).all()
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tflite")}
