@@ -72,7 +72,7 @@ def to_openvino(saved_model_dir: Path, folder: Path):
     loaded = tf.saved_model.load(str(saved_model_dir))  # alive while its signature is converted
     openvino.save_model(openvino.convert_model(loaded.signatures[CLASSIFY_RESIZED]), str(folder / "openvino.xml"))
     compiled = openvino.Core().compile_model(str(folder / "openvino.xml"), "CPU")
-    return (lambda images: compiled(images)[0]), str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return (lambda images: compiled(images)[0]), compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches, latency_image: np.ndarray,
