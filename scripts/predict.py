@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             predict = lambda images: predict_url(args.url, images)  # noqa: E731
         elif args.tflite:
-            predict = tflite_model(args.tflite, cfg.export.top_k)
+            predict = tflite_model(args.tflite, args.top_k or cfg.export.top_k)
         else:
             import mlflow
             mlflow.set_tracking_uri(cfg.tracking.uri)

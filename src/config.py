@@ -64,8 +64,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "trainer.early_stopping.patience", lambda v: v >= 0,
            "a non-negative integer, e.g. trainer.early_stopping.patience=5", int)
     _check(cfg, "export.top_k", lambda v: v >= 1, "a positive integer, e.g. export.top_k=5", int)
-    if not isinstance(cfg.trainer.mixed_precision, bool):
-        raise UserError(f"trainer.mixed_precision={cfg.trainer.mixed_precision!r} is invalid: expected true or false")
+    for key in ("trainer.mixed_precision", "trainer.profile"):
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} is invalid: expected true or false")
     size = cfg.backbone.input_size
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 32 for s in size):
         raise UserError(f"backbone.input_size={list(size)} is invalid: expected [height, width], e.g. [224,224]")

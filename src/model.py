@@ -24,8 +24,9 @@ def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
 
 
 def build_head(num_classes: int, cfg: DictConfig) -> keras.Sequential:
-    """[unit-normalise features] -> dropout -> dense -> softmax. The softmax is float32 under mixed precision."""
-    normalize = [layers.UnitNormalization()] if cfg.normalize_features else []
+    """[unit-normalise features] -> dropout -> dense -> softmax. Under mixed precision the normalisation (a sum of
+    squares that overflows float16) and the softmax stay float32."""
+    normalize = [layers.UnitNormalization(dtype="float32")] if cfg.normalize_features else []
     return keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes),
                              layers.Activation("softmax", dtype="float32")], name="head")
 

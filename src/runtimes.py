@@ -9,6 +9,7 @@ TFLite models' class names are in `labels.txt` beside them, one per line, in lab
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def convert(saved_model_dir: Path, quantization: str, representative: np.ndarray
     calibrated on `representative` images (uint8, [n, height, width, 3], from train)."""
     if quantization not in QUANTIZATIONS:
         raise UserError(f"quantization {quantization!r} is unknown; use one of: {', '.join(QUANTIZATIONS)}")
+    if quantization == "int8" and (representative is None or not len(representative)):
+        raise UserError("int8 conversion needs representative train images to calibrate on")
     loaded = tf.saved_model.load(str(saved_model_dir))
     if CLASSIFY_RESIZED not in loaded.signatures:
         raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: it was exported before TFLite "
@@ -42,20 +45,25 @@ def convert(saved_model_dir: Path, quantization: str, representative: np.ndarray
 
 
 def interpreter(model: bytes | Path, threads: int | None = None):
-    """A LiteRT interpreter for a .tflite file or its bytes."""
+    """A LiteRT interpreter for a .tflite file or its bytes, on `threads` threads (default: every core, as
+    TensorFlow and OpenVINO use; LiteRT's own default is one)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # TensorFlow's own, deprecated since 2.20
         Interpreter = tf.lite.Interpreter
     source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-    return Interpreter(**source, num_threads=threads)
+    return Interpreter(**source, num_threads=threads or os.cpu_count())
 
 
 class Classifier:
     """uint8 images at the input size -> probabilities, with one TFLite interpreter."""
 
     def __init__(self, model: bytes | Path, threads: int | None = None):
-        self.runner = interpreter(model, threads).get_signature_runner(CLASSIFY_RESIZED)
+        try:
+            self.runner = interpreter(model, threads).get_signature_runner(CLASSIFY_RESIZED)
+        except ValueError as error:
+            raise UserError(f"{model if isinstance(model, Path) else 'the model'} is not a TFLite export of this "
+                            f"project ({' '.join(str(error).split())[:120]}); write one with make export-tflite") from None
         details = self.runner.get_input_details()["images"]
         self.input_size = tuple(int(d) for d in details["shape"][1:3])
 

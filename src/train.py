@@ -45,8 +45,9 @@ def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
 
 
 def precision_policy(mixed: bool) -> str:
-    """Keras's dtype policy: float16 compute on GPUs, bfloat16 elsewhere (CPUs and TPUs have bfloat16 units,
-    and it needs no loss scaling); variables stay float32."""
+    """Keras's dtype policy: float16 compute on GPUs, bfloat16 elsewhere (it needs no loss scaling; only CPUs
+    with AVX512_BF16 or AMX compute it natively, others emulate it more slowly than float32); variables stay
+    float32."""
     if not mixed:
         return "float32"
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"

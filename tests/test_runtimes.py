@@ -92,11 +92,50 @@ def test_a_saved_model_without_the_resized_images_signature_is_a_one_line_error(
     module.f = tf.function(lambda x: x + 1, input_signature=[tf.TensorSpec([None], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "old"), signatures={"serving_default": module.f})
     with pytest.raises(UserError, match="has no 'classify_resized' signature: it was exported before"):
-        convert(tmp_path / "old", "int8")
+        convert(tmp_path / "old", "float16")
 
 
 def test_without_a_champion_export_tflite_says_what_to_do(tracking_uri, capsys):
     assert export_tflite.main([]) == 1
-    assert "error: " in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: model 'flowers' has no champion in {tracking_uri}; train, then run make register-best"]
+
+
+def test_an_unknown_quantization_or_int8_without_calibration_images_is_a_user_error(exported):
+    _, folder, _ = exported
     with pytest.raises(UserError, match="quantization 'int4' is unknown; use one of: float16, int8"):
-        convert(compose_config().paths.root_dir, "int4")
+        convert(folder, "int4")
+    with pytest.raises(UserError, match="int8 conversion needs representative train images to calibrate on"):
+        convert(folder, "int8", np.zeros((0, 32, 32, 3), np.uint8))
+
+
+def test_a_failed_conversion_keeps_the_previous_export_and_logs_nothing_more(exported, monkeypatch, capsys):
+    from tensorflow.lite.python.convert import ConverterError
+
+    from src import runtimes
+
+    run, folder, _ = exported
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tflite")}
+
+    def fail(*args, **kwargs):
+        raise ConverterError("op not supported")
+    monkeypatch.setattr(runtimes, "convert", fail)
+    assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(folder.parent)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot convert runs:/{run.info.run_id}/model: op not supported")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tflite")} == logged
+
+
+def test_a_comparison_on_part_of_test_is_written_but_not_logged_over_the_full_one(exported, capsys):
+    run, folder, _ = exported
+    full = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="tflite/comparison.csv"))
+    assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(folder.parent),
+                               "--representative", "10", "--test-images", "20"]) == 0
+    assert "not logged to the run: only part of test was compared" in capsys.readouterr().out
+    assert set(pd.read_csv(folder / "comparison.csv")["images"]) == {20}
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                             artifact_path="tflite/comparison.csv"))
+    assert set(logged["images"]) == set(full["images"]) == {80}

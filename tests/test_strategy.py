@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from src.config import PROJECT_ROOT, UserError
+from src.data import load_splits
 from src.pipeline import run_job
 from src.train import make_strategy, precision
 from tests.conftest import compose_config
@@ -38,9 +39,14 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices_with_and_without_th
     for _, run in runs.iterrows():
         assert (run["tags.replicas"], run["tags.device.count"], run["tags.devices"]) == ("2", "2", "CPU:0, CPU:1")
         assert run["metrics.test/accuracy"] >= 0.75  # four classes: chance is 0.25
-        # the exported model, trained under the strategy, predicts the test images it was evaluated on
-        predictions = mlflow.pyfunc.load_model(f"runs:/{run['run_id']}/model")
-        assert predictions.metadata.run_id == run["run_id"]
+        # the exported model, trained under the strategy, gives the predictions its evaluation logged
+        model = mlflow.pyfunc.load_model(f"runs:/{run['run_id']}/model")
+        logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run["run_id"],
+                                                                 artifact_path="test_predictions.csv"))
+        images = [image.numpy() for image, _ in load_splits(compose_config("data=synthetic").data).test.take(8)]
+        scores = model.predict(pd.DataFrame({"image": images}))
+        assert list(scores["label"]) == list(logged["predicted"][:8])
+        assert np.allclose(scores["score"], logged["confidence"][:8], atol=1e-4)
 
 
 def test_without_gpus_the_mirrored_strategy_spans_the_cpu_devices_and_default_is_one_device():
@@ -51,13 +57,16 @@ def test_without_gpus_the_mirrored_strategy_spans_the_cpu_devices_and_default_is
         make_strategy(compose_config("trainer.strategy=tpu").trainer)
 
 
-def test_cpu_devices_that_tensorflow_cannot_take_any_more_are_a_one_line_error():
+def test_cpu_devices_that_tensorflow_cannot_take_any_more_are_a_one_line_error(synthetic_cfg, tmp_path):
     tf.constant(1)  # TensorFlow has started, with its devices
     count = len(tf.config.list_logical_devices("CPU"))
-    with pytest.raises(UserError, match=f"trainer.cpu_devices={count + 1}: TensorFlow already started with {count} CPU"):
-        run_job(compose_config("data=synthetic", f"trainer.cpu_devices={count + 1}"), PROJECT_ROOT / "outputs" / "x")
-    with pytest.raises(UserError, match=r"trainer.cpu_devices=0 is invalid: expected null or a positive integer"):
-        run_job(compose_config("data=synthetic", "trainer.cpu_devices=0"), PROJECT_ROOT / "outputs" / "x")
+    for devices, message in ((count + 1, f"trainer.cpu_devices={count + 1}: TensorFlow already started with {count} CPU"),
+                             (0, r"trainer.cpu_devices=0 is invalid: expected null or a positive integer")):
+        cfg = synthetic_cfg.copy()
+        cfg.merge_with({"trainer": {"cpu_devices": devices}})
+        with pytest.raises(UserError, match=message):
+            run_job(cfg, tmp_path)
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # stopped before a run
 
 
 def test_mixed_precision_is_true_or_false():
@@ -71,8 +80,12 @@ def test_mixed_precision_trains_the_head_in_bfloat16_on_cpu_and_restores_the_pol
     cfg = synthetic_cfg.copy()
     cfg.merge_with({"epochs": 3, "lr": 0.05, "model": {"augmentation": {"enabled": False}},
                     "trainer": {"mixed_precision": True, "feature_cache": False}})
-    metrics = run_job(cfg, tmp_path)
-    assert keras.config.dtype_policy().name == "float32"  # as before the job
+    keras.config.set_dtype_policy("float64")  # whatever the process had before the job, it gets back
+    try:
+        metrics = run_job(cfg, tmp_path)
+        assert keras.config.dtype_policy().name == "float64"
+    finally:
+        keras.config.set_dtype_policy("float32")
     assert metrics["test/accuracy"] >= 0.75
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.tags["precision"] == "mixed_bfloat16"
@@ -80,8 +93,6 @@ def test_mixed_precision_trains_the_head_in_bfloat16_on_cpu_and_restores_the_pol
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     predictions = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                                   artifact_path="test_predictions.csv"))
-    from src.data import load_splits
-
     images = [image.numpy() for image, _ in load_splits(cfg.data).test.take(8)]
     scores = model.predict(pd.DataFrame({"image": images}))
     assert list(scores["label"]) == list(predictions["predicted"][:8])
