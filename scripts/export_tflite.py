@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from tensorflow.lite.python.convert import ConverterError  # noqa: E402  (not in the public tf.lite API)
-from omegaconf import OmegaConf  # noqa: E402
 
 from src import register  # noqa: E402
+from src.track import run_config  # noqa: E402
 from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
 
 
@@ -78,10 +78,7 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
     if run.data.tags.get("precision", "float32") != "float32":
         raise UserError(f"run {run_id} trained in {run.data.tags['precision']}; TFLite and OpenVINO export a "
                         "float32 model: train one with trainer.mixed_precision=false")
-    try:
-        run_cfg = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    except MlflowException:
-        raise UserError(f"run {run_id} has no config.yaml; export a model trained by this project") from None
+    run_cfg = run_config(run_id)
     size, splits = tuple(run_cfg.backbone.input_size), load_splits(run_cfg.data)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".") as tmp:  # same file system: a rename swaps

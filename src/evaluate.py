@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from src.model import predict_batches
+
 
 @dataclass
 class Evaluation:
@@ -21,14 +23,7 @@ class Evaluation:
 def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str],
              loss: keras.losses.Loss) -> Evaluation:
     """One pass over `batches` of (model inputs, int labels): images, or cached features for a head."""
-    # A plain call in one graph, not predict_on_batch: under a MirroredStrategy that returns each replica's
-    # outputs for the whole batch, stacked (twice the rows on two devices).
-    predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
-    probabilities, labels = [], []
-    for inputs, batch_labels in batches:
-        probabilities.append(predict(inputs).numpy())
-        labels.append(batch_labels.numpy())
-    probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
+    probabilities, labels = predict_batches(model, batches)
     num_classes = len(class_names)
     predicted = probabilities.argmax(axis=1)
     top5 = np.argsort(-probabilities, axis=1)[:, :5]

@@ -51,6 +51,12 @@ def export_saved_model(model: keras.Model, class_names: list[str], input_size, t
     return path
 
 
+def size_mb(*paths: Path) -> float:
+    """The size of these files, and of every file under these folders, in MiB."""
+    files = [f for path in map(Path, paths) for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
 def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlflow.models.model.ModelInfo:
     """Log the SavedModel as MLflow model `model`: DataFrame column `image` (bytes) ->
     class_name, label, score (top-1) and top_k (a list of {class_name, label, score})."""

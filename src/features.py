@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from src.model import predict_batches
+
 log = logging.getLogger(__name__)
 
 # Bump when decode_and_resize or the model's resize/scale layers change.
@@ -53,11 +55,7 @@ def load_or_extract(extractor: keras.Model, batches: tf.data.Dataset, path: Path
         with np.load(path) as cached:
             return cached["features"], cached["labels"]
     log.info("extracting features into %s", path)
-    features, labels = [], []
-    for images, batch_labels in batches:
-        features.append(extractor.predict_on_batch(images))
-        labels.append(batch_labels.numpy())
-    features, labels = np.concatenate(features), np.concatenate(labels)
+    features, labels = predict_batches(extractor, batches)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
     np.savez(partial, features=features, labels=labels)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import layers
 from omegaconf import DictConfig
 
@@ -61,3 +63,15 @@ def classify_resized(model: keras.Model):
     scale, head = model.get_layer("scale"), model.get_layer("head")
     backbone = next(layer for layer in model.layers if isinstance(layer, HubFeatureVector))
     return lambda images: head(backbone(scale(images), training=False), training=False)
+
+
+def predict_batches(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs, labels) of `model` over `batches` of (inputs, labels), in order. A plain call in one graph, not
+    predict_on_batch: under a MirroredStrategy that returns each replica's outputs for the whole batch, stacked
+    (twice the rows on two devices)."""
+    predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+    outputs, labels = [], []
+    for inputs, batch_labels in batches:
+        outputs.append(predict(inputs).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(outputs), np.concatenate(labels)

@@ -20,7 +20,7 @@ from src.backbone import HubFeatureVector, load_backbone
 from src.config import flatten, validate
 from src.data import SPLITS, Splits, load_splits, make_batches
 from src.evaluate import evaluate
-from src.export import export_saved_model, log_pyfunc_model
+from src.export import export_saved_model, log_pyfunc_model, size_mb
 from src.model import build_feature_extractor, build_head, build_model
 from src.train import (compile_model, configure_cpu_devices, fit, make_loss, make_optimizer, make_strategy, precision,
                        profiler)
@@ -141,7 +141,7 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
     saved_model = export_saved_model(model, splits.class_names, size, cfg.export.top_k,
                                      output_dir / "saved_model" / cfg.export.model_name / str(cfg.export.version))
     mlflow.log_artifacts(str(saved_model.parent.parent), "saved_model")
-    mlflow.log_metric("model/size_mb", sum(f.stat().st_size for f in saved_model.rglob("*") if f.is_file()) / 2**20)
+    mlflow.log_metric("model/size_mb", size_mb(saved_model))
     example = next(iter(splits.test.take(1)))[0].numpy()
     log_pyfunc_model(saved_model, [example])
 

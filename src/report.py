@@ -20,11 +20,10 @@ import optuna
 import pandas as pd
 import sqlalchemy
 from mlflow.exceptions import MlflowException
-from omegaconf import OmegaConf
 
 from src import plots
 from src.config import UserError
-from src.track import SELECT_BY, TIE_BREAK
+from src.track import SELECT_BY, TIE_BREAK, run_config
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,7 @@ def _test_images(run_id: str, mistakes: pd.DataFrame) -> list[np.ndarray]:
 
     from src.data import load_splits
 
-    config = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    config = run_config(run_id)
     wanted, images = dict(zip(mistakes.index, mistakes["label"])), {}
     for index, (image, label) in enumerate(load_splits(config.data).test):
         if index in wanted:

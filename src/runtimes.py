@@ -18,7 +18,7 @@ import pandas as pd
 import tensorflow as tf
 
 from src.config import UserError
-from src.export import CLASSIFY_RESIZED
+from src.export import CLASSIFY_RESIZED, size_mb
 
 QUANTIZATIONS = ("float16", "int8")
 
@@ -92,7 +92,7 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
     reference = loaded.signatures[CLASSIFY_RESIZED]
     models = {"saved_model": lambda images: reference(images=tf.constant(images))["probabilities"].numpy(),
               **runners}
-    files = {"saved_model": [f for f in Path(saved_model_dir).rglob("*") if f.is_file()], **files}
+    files = {"saved_model": [Path(saved_model_dir)], **files}
     predicted = {name: [] for name in models}
     labels = []
     for images, batch_labels in batches:
@@ -102,12 +102,12 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
         labels.append(batch_labels.numpy())
     labels = np.concatenate(labels)
     predicted = {name: np.concatenate(p) for name, p in predicted.items()}
-    sizes = {name: sum(f.stat().st_size for f in paths) for name, paths in files.items()}
+    sizes = {name: size_mb(*paths) for name, paths in files.items()}
     rows = []
     for name, model in models.items():
         rows.append({"model": name, "test/accuracy": float((predicted[name] == labels).mean()),
                      "agreement_with_saved_model": float((predicted[name] == predicted["saved_model"]).mean()),
-                     "size_mb": sizes[name] / 2**20, "latency_ms": _latency(model, latency_image, latency_runs),
+                     "size_mb": sizes[name], "latency_ms": _latency(model, latency_image, latency_runs),
                      "images": len(labels)})
     table = pd.DataFrame(rows)
     table["size_vs_saved_model"] = table["size_mb"] / table.loc[0, "size_mb"]

@@ -15,11 +15,11 @@ import keras
 import mlflow
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from src.config import PROJECT_ROOT
+from src.config import PROJECT_ROOT, UserError
 
 # Keras history keys -> the metric names shared by tracking, sweeps, registry and reports.
 EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy",
@@ -80,6 +80,14 @@ def _experiment_id(cfg: DictConfig) -> str:
     experiment_id = mlflow.create_experiment(
         cfg.experiment_name, artifact_location=cfg.artifact_location if local else None)
     return mlflow.set_experiment(experiment_id=experiment_id).experiment_id
+
+
+def run_config(run_id: str) -> DictConfig:
+    """The resolved config a training run logged as config.yaml."""
+    try:
+        return OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    except MlflowException:
+        raise UserError(f"run {run_id} has no config.yaml; use a run trained by this project") from None
 
 
 def run_name(cfg: DictConfig) -> str:

@@ -14,7 +14,6 @@ from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits, make_batches
 from src.pipeline import run_job
 from src.runtimes import Classifier, convert, interpreter
-from tests.conftest import compose_config
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
 import export_tflite  # noqa: E402
