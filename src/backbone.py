@@ -43,12 +43,15 @@ def _download(url: str, timeout: float = 5.0) -> str:
 
 @keras.saving.register_keras_serializable(package="flowers")
 class HubFeatureVector(keras.layers.Layer):
-    """Float images in [0, 1], [batch, height, width, 3] -> feature vectors [batch, features]."""
+    """Float images in [0, 1], [batch, height, width, 3] -> feature vectors [batch, features]. `input_size`:
+    the (height, width) the module expects, if known."""
 
-    def __init__(self, handle: str, trainable: bool = False, train_batchnorm: bool = False, **kwargs):
+    def __init__(self, handle: str, trainable: bool = False, train_batchnorm: bool = False, input_size=None,
+                 **kwargs):
         super().__init__(trainable=trainable, **kwargs)
         self.handle = handle
         self.train_batchnorm = train_batchnorm
+        self.input_size = tuple(input_size) if input_size else None
         self.module_path = resolve_handle(handle)
         self._module = tf.saved_model.load(self.module_path)
         trainable_refs = {v.ref() for v in self._module.trainable_variables}
@@ -62,10 +65,11 @@ class HubFeatureVector(keras.layers.Layer):
         return self._module(images, training=bool(training) and self.trainable and self.train_batchnorm)
 
     def get_config(self):
-        return {**super().get_config(), "handle": self.handle, "train_batchnorm": self.train_batchnorm}
+        return {**super().get_config(), "handle": self.handle, "train_batchnorm": self.train_batchnorm,
+                "input_size": self.input_size}
 
 
 def load_backbone(cfg: DictConfig) -> HubFeatureVector:
     """float32 under any precision policy: a SavedModel computes in the dtype it was saved with."""
     return HubFeatureVector(cfg.handle, trainable=cfg.trainable, train_batchnorm=cfg.train_batchnorm,
-                            name=cfg.name, dtype="float32")
+                            input_size=cfg.input_size, name=cfg.name, dtype="float32")

@@ -23,7 +23,12 @@ class Evaluation:
 def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str],
              loss: keras.losses.Loss) -> Evaluation:
     """One pass over `batches` of (model inputs, int labels): images, or cached features for a head."""
-    probabilities, labels = predict_batches(model, batches)
+    return evaluation(*predict_batches(model, batches), class_names, loss)
+
+
+def evaluation(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str],
+               loss: keras.losses.Loss) -> Evaluation:
+    """The evaluation of predicted class `probabilities` [images, classes] against int `labels`."""
     num_classes = len(class_names)
     predicted = probabilities.argmax(axis=1)
     top5 = np.argsort(-probabilities, axis=1)[:, :5]

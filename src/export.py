@@ -15,18 +15,21 @@ import tensorflow as tf
 from mlflow.models import Model, infer_signature
 
 from src.data import decode_and_resize
-from src.model import classify_resized
+from src.model import TTA, classify_resized, predict_views
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CLASSIFY_RESIZED = "classify_resized"
 
 
-def export_saved_model(model: keras.Model, class_names: list[str], input_size, top_k: int, path: Path) -> Path:
+def export_saved_model(model: keras.Model, class_names: list[str], input_size, top_k: int, path: Path,
+                       views=TTA["none"]) -> Path:
     """Write `path` (e.g. .../flowers/1) with two signatures:
     `serving_default`: image_bytes: string [batch] (JPEG/PNG; TF Serving REST: {"b64": ...})
-      -> labels: int32 [batch, k], class_names: string [batch, k], scores: float32 [batch, k];
+      -> labels: int32 [batch, k], class_names: string [batch, k], scores: float32 [batch, k]; the scores are
+      averaged over the test-time-augmentation `views`;
     `classify_resized`: images: uint8 [batch, height, width, 3] at the input size -> probabilities: float32
-      [batch, classes]; what the TFLite export converts."""
+      [batch, classes], one view; what the TFLite export converts. Left out when a backbone needs another input
+      size (several backbones of different sizes)."""
     k = min(top_k, len(class_names))
     names = tf.constant(class_names)
     image_spec = tf.TensorSpec([*input_size, 3], tf.uint8)
@@ -34,19 +37,17 @@ def export_saved_model(model: keras.Model, class_names: list[str], input_size, t
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
         images = tf.map_fn(lambda b: decode_and_resize(b, input_size), image_bytes, fn_output_signature=image_spec)
-        scores, labels = tf.math.top_k(model(images, training=False), k=k)
+        scores, labels = tf.math.top_k(predict_views(model, images, views), k=k)
         return {"labels": labels, "class_names": tf.gather(names, labels), "scores": scores}
-
-    classify = classify_resized(model)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *input_size, 3], tf.uint8, name="images")])
-    def classify_resized_images(images):
-        return {"probabilities": classify(images)}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
-    archive.add_endpoint(CLASSIFY_RESIZED, classify_resized_images)
+    classify = classify_resized(model, input_size)
+    if classify is not None:
+        archive.add_endpoint(CLASSIFY_RESIZED, tf.function(
+            lambda images: {"probabilities": classify(images)},
+            input_signature=[tf.TensorSpec([None, *input_size, 3], tf.uint8, name="images")]))
     archive.write_out(str(path), verbose=False)
     return path
 

@@ -27,8 +27,12 @@ PREPROCESSING = "decode_and_resize(alpha-on-white-uint8,bilinear,antialias)->Res
 
 
 def applies(cfg) -> bool:
-    """Cached features stand in for the images only when nothing between image and features trains or varies."""
-    return bool(cfg.trainer.feature_cache) and not cfg.backbone.trainable and not cfg.model.augmentation.enabled
+    """Cached features stand in for the images only when nothing between image and features trains or varies.
+    With fine-tuning on, they serve its first stage (the head on the frozen backbones)."""
+    from src.config import backbone_configs
+
+    frozen = not any(backbone.trainable for backbone in backbone_configs(cfg))
+    return bool(cfg.trainer.feature_cache) and frozen and not cfg.model.augmentation.enabled
 
 
 def files_digest(root: str) -> str:
@@ -41,11 +45,18 @@ def files_digest(root: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(backbone_path: str, backbone_files: str, input_size, dataset: str, version: str, split: str) -> str:
-    """`backbone_files` is `files_digest(backbone_path)`, computed once per job."""
+def cache_key(backbone_path: str, backbone_files: str, input_size, dataset: str, version: str, split: str,
+              decoded_size=None, view: str = "identity") -> str:
+    """`backbone_files` is `files_digest(backbone_path)`, computed once per job. `decoded_size`: the size images
+    are decoded to before the backbone's own resize, when it differs (several backbones); `view`: the
+    test-time-augmentation view of the image (src.model.view)."""
     fields = {"backbone": backbone_path, "backbone_files": backbone_files, "input_size": list(input_size),
               "dataset": dataset, "version": version, "split": split, "preprocessing": PREPROCESSING,
               "tensorflow": tf.__version__}
+    if decoded_size is not None and tuple(decoded_size) != tuple(input_size):
+        fields["decoded_size"] = list(decoded_size)
+    if view != "identity":
+        fields["view"] = view
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -1,4 +1,7 @@
-"""Model: raw uint8 image (any size) -> resize + scale -> augmentation -> backbone -> dropout -> softmax."""
+"""Model: raw uint8 image (any size) -> resize + scale -> augmentation -> backbone(s) -> dropout -> softmax.
+
+Several backbones each see the image at their own input size; their features are concatenated before the head.
+Test-time augmentation averages the model's probabilities over fixed views of the image (VIEWS)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ from keras import layers
 from omegaconf import DictConfig
 
 from src.backbone import HubFeatureVector
+from src.config import UserError
 
 
-def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
+def build_augmentation(cfg: DictConfig, seed: int, name: str = "augmentation") -> keras.Sequential:
     """Random flip, rotation, zoom and contrast on [0, 1] images; identity outside training."""
     steps = []
     if cfg.horizontal_flip:
@@ -22,47 +26,118 @@ def build_augmentation(cfg: DictConfig, seed: int) -> keras.Sequential:
         steps.append(layers.RandomZoom(cfg.zoom, seed=seed))
     if cfg.contrast:
         steps.append(layers.RandomContrast(cfg.contrast, value_range=(0, 1), seed=seed))
-    return keras.Sequential(steps, name="augmentation")
+    return keras.Sequential(steps, name=name)
 
 
-def build_head(num_classes: int, cfg: DictConfig) -> keras.Sequential:
-    """[unit-normalise features] -> dropout -> dense -> softmax. Under mixed precision the normalisation (a sum of
-    squares that overflows float16) and the softmax stay float32."""
-    normalize = [layers.UnitNormalization(dtype="float32")] if cfg.normalize_features else []
+@keras.saving.register_keras_serializable(package="flowers")
+class SplitUnitNormalization(keras.layers.Layer):
+    """Unit-normalise each backbone's part of concatenated features, so that no backbone outweighs the others
+    by the scale of its features. float32: a sum of squares overflows float16."""
+
+    def __init__(self, dims, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.dims = [int(d) for d in dims]
+
+    def call(self, features):
+        parts = tf.split(tf.cast(features, "float32"), self.dims, axis=-1)
+        return tf.concat([tf.math.l2_normalize(part, axis=-1, epsilon=1e-12) for part in parts], axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "dims": self.dims}
+
+
+def build_head(num_classes: int, cfg: DictConfig, feature_dims=()) -> keras.Sequential:
+    """[unit-normalise features, each backbone's part on its own] -> dropout -> dense -> softmax. Under mixed
+    precision the normalisation and the softmax stay float32."""
+    normalize = []
+    if cfg.normalize_features:
+        normalize = [SplitUnitNormalization(feature_dims) if len(feature_dims) > 1
+                     else layers.UnitNormalization(dtype="float32")]
     return keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes),
                              layers.Activation("softmax", dtype="float32")], name="head")
 
 
-def _resized_and_scaled(input_size):
+def _resize_and_scale(x, input_size, suffix: str = ""):
     """float32 whatever the precision policy, so that cached features and the exported model see the same pixels."""
-    images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, dtype="float32", name="resize")(images)
-    return images, layers.Rescaling(1 / 255, dtype="float32", name="scale")(x)
+    x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, dtype="float32",
+                        name=f"resize{suffix}")(x)
+    return layers.Rescaling(1 / 255, dtype="float32", name=f"scale{suffix}")(x)
 
 
-def build_model(backbone: keras.layers.Layer, input_size, num_classes: int, cfg: DictConfig, seed: int,
+def _image_input():
+    return keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+
+
+def build_model(backbones, input_size, num_classes: int, cfg: DictConfig, seed: int,
                 head: keras.Sequential | None = None) -> keras.Model:
-    """The classifier that is trained end to end and exported. `head` may be one trained on cached features."""
-    images, x = _resized_and_scaled(input_size)
-    if cfg.augmentation.enabled:
-        x = build_augmentation(cfg.augmentation, seed)(x)
-    features = backbone(x)
-    probabilities = (head or build_head(num_classes, cfg))(features)
+    """The classifier that is trained end to end and exported. `backbones`: one backbone layer or a list, each
+    fed at its own `input_size` (a HubFeatureVector attribute), else at the model's `input_size`. `head` may be
+    one trained on cached features."""
+    backbones = backbones if isinstance(backbones, (list, tuple)) else [backbones]
+    images = _image_input()
+    features = []
+    for backbone in backbones:
+        suffix = f"_{backbone.name}" if len(backbones) > 1 else ""
+        x = _resize_and_scale(images, getattr(backbone, "input_size", None) or input_size, suffix)
+        if cfg.augmentation.enabled:  # one per backbone: each sees its own input size; the same seed
+            x = build_augmentation(cfg.augmentation, seed, f"augmentation{suffix}")(x)
+        features.append(backbone(x))
+    dims = [int(f.shape[-1]) for f in features]
+    x = layers.Concatenate(name="features")(features) if len(features) > 1 else features[0]
+    probabilities = (head or build_head(num_classes, cfg, dims))(x)
     return keras.Model(images, probabilities, name="flower_classifier")
 
 
 def build_feature_extractor(backbone: keras.layers.Layer, input_size) -> keras.Model:
-    """uint8 image -> the backbone's features, through the same resize and scale as the classifier."""
-    images, x = _resized_and_scaled(input_size)
+    """uint8 image -> the backbone's features, through the same resize and scale as the classifier: images given
+    at the model's input size are resized to the backbone's own."""
+    images = _image_input()
+    x = _resize_and_scale(images, getattr(backbone, "input_size", None) or input_size)
     return keras.Model(images, backbone(x), name="feature_extractor")
 
 
-def classify_resized(model: keras.Model):
-    """`model` without its resize layer: uint8 images already at the input size (as `decode_and_resize` gives
-    them) -> probabilities. TFLite runs this: it has no antialiased resize op."""
-    scale, head = model.get_layer("scale"), model.get_layer("head")
-    backbone = next(layer for layer in model.layers if isinstance(layer, HubFeatureVector))
-    return lambda images: head(backbone(scale(images), training=False), training=False)
+def classify_resized(model: keras.Model, input_size):
+    """`model` without its resize layers: uint8 images already at the input size (as `decode_and_resize` gives
+    them) -> probabilities. TFLite runs this: it has no antialiased resize op. None when a backbone needs another
+    size than the model's input (several backbones of different sizes)."""
+    head = model.get_layer("head")
+    backbones = [layer for layer in model.layers if isinstance(layer, HubFeatureVector)]
+    if any(tuple(getattr(b, "input_size", None) or input_size) != tuple(input_size) for b in backbones):
+        return None
+
+    def classify(images):
+        x = tf.cast(images, "float32") * (1 / 255)  # as the Rescaling layer
+        features = [backbone(x, training=False) for backbone in backbones]
+        return head(tf.concat(features, axis=-1) if len(features) > 1 else features[0], training=False)
+    return classify
+
+
+# Test-time augmentation: fixed views of a batch of uint8 images, each the same size as the batch.
+TTA = {"none": ("identity",), "flip": ("identity", "flip"), "crops": ("identity", "flip", "center", "center_flip")}
+CENTER_FRACTION = 0.8
+
+
+def tta_views(name: str, key: str = "model.tta") -> tuple[str, ...]:
+    if name not in TTA:
+        raise UserError(f"{key}={name!r} is unknown; use one of: {', '.join(TTA)}")
+    return TTA[name]
+
+
+def view(images: tf.Tensor, name: str) -> tf.Tensor:
+    """`identity`, `flip` (horizontal), `center` (the central 80 %, resized back) or `center_flip`."""
+    if name.startswith("center"):
+        size = tf.shape(images)[1:3]
+        cropped = tf.image.central_crop(images, CENTER_FRACTION)
+        resized = tf.image.resize(cropped, size, method="bilinear", antialias=True)
+        images = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    if name.endswith("flip"):
+        images = tf.reverse(images, axis=[2])
+    return images
+
+
+def predict_views(model: keras.Model, images: tf.Tensor, views) -> tf.Tensor:
+    """The mean of `model`'s outputs over the views of `images`."""
+    return tf.reduce_mean(tf.stack([model(view(images, v), training=False) for v in views]), axis=0)
 
 
 def predict_batches(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:

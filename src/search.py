@@ -72,14 +72,23 @@ def load_study(cfg: DictConfig) -> optuna.Study:
 
 def suggest(trial: optuna.Trial, space: DictConfig) -> dict:
     """Sample every parameter of the YAML space, e.g. `lr: {type: float, low: 1e-4, high: 1e-2, log: true}`.
-    `type` is float, int or categorical: Optuna's suggest_float, suggest_int, suggest_categorical."""
+    `type` is float, int or categorical (Optuna's suggest_float, suggest_int, suggest_categorical), or subset:
+    `backbones: {type: subset, choices: [a, b, c]}` samples a non-empty list of the choices, one yes/no
+    parameter per choice (`backbones.a`, ...), so that the sampler learns which members help. An empty draw
+    prunes the trial before it runs."""
     values = {}
     for name, spec in space.items():
         options = OmegaConf.to_container(spec)
         kind = options.pop("type")
-        if kind not in ("float", "int", "categorical"):
-            raise UserError(f"hparams_search: {name} has type {kind!r}; use float, int or categorical")
-        values[name] = getattr(trial, f"suggest_{kind}")(name, **options)
+        if kind == "subset":
+            chosen = [c for c in options["choices"] if trial.suggest_categorical(f"{name}.{c}", [True, False])]
+            if not chosen:
+                raise optuna.TrialPruned(f"{name}: the sampled subset is empty")
+            values[name] = chosen
+        elif kind in ("float", "int", "categorical"):
+            values[name] = getattr(trial, f"suggest_{kind}")(name, **options)
+        else:
+            raise UserError(f"hparams_search: {name} has type {kind!r}; use float, int, categorical or subset")
     return values
 
 

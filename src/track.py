@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from src.config import PROJECT_ROOT, UserError
+from src.config import PROJECT_ROOT, UserError, backbone_label
 
 # Keras history keys -> the metric names shared by tracking, sweeps, registry and reports.
 EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy",
@@ -91,7 +91,13 @@ def run_config(run_id: str) -> DictConfig:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return cfg.tracking.run_name or f"{cfg.backbone.name}-lr{cfg.lr:g}-bs{cfg.batch_size}-seed{cfg.seed}"
+    """e.g. `mobilenet_v2_100_224-lr0.03-bs64-seed1`, `...-finetune-tta_flip-views_flip-refit-...` with techniques."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    techniques = [name for name, on in (("finetune", cfg.finetune.enabled), (f"tta_{cfg.model.tta}", cfg.model.tta != "none"),
+                                        (f"views_{cfg.model.train_views}", cfg.model.train_views != "none"),
+                                        ("refit", cfg.trainer.refit)) if on]
+    return "-".join([backbone_label(cfg), *techniques, f"lr{cfg.lr:g}", f"bs{cfg.batch_size}", f"seed{cfg.seed}"])
 
 
 def git_commit() -> str:
@@ -135,7 +141,7 @@ def run_tags(cfg: DictConfig, dataset: str, dataset_version: str,
     strategy = strategy or tf.distribute.get_strategy()
     return {
         "git_commit": git_commit(),
-        "backbone": cfg.backbone.name,
+        "backbone": backbone_label(cfg),
         "dataset": dataset,
         "dataset_version": dataset_version,
         "tensorflow_version": tf.__version__,
@@ -148,8 +154,13 @@ def run_tags(cfg: DictConfig, dataset: str, dataset_version: str,
 
 
 class EpochMetrics(keras.callbacks.Callback):
-    """Logs train/val loss and accuracy to the active MLflow run, with step = epoch (from 1)."""
+    """Logs train/val loss and accuracy to the active MLflow run, with step = epoch (from 1). `prefix`, e.g.
+    `refit/`, keeps a second training of the same run apart."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = {name: float(logs[key]) for key, name in EPOCH_METRICS.items() if key in (logs or {})}
+        metrics = {self.prefix + name: float(logs[key]) for key, name in EPOCH_METRICS.items() if key in (logs or {})}
         mlflow.log_metrics(metrics, step=epoch + 1)

@@ -94,12 +94,18 @@ def one_hot(batches: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
     return batches.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset, num_classes: int,
-        cfg: DictConfig, callbacks=()) -> keras.callbacks.History:
-    """Fit on train; stop early on val accuracy and restore the best epoch's weights."""
-    early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=cfg.trainer.early_stopping.patience,
-        restore_best_weights=True, verbose=1)
-    return model.fit(one_hot(train, num_classes), validation_data=one_hot(validation, num_classes),
-                     epochs=cfg.epochs, callbacks=[early_stopping, *callbacks], verbose=cfg.trainer.verbose,
+def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset | None, num_classes: int,
+        cfg: DictConfig, callbacks=(), *, epochs: int | None = None, initial_epoch: int = 0,
+        patience: int | None = None) -> keras.callbacks.History:
+    """Fit on train up to epoch `epochs` (default cfg.epochs). With validation, stop early on val accuracy after
+    `patience` epochs without progress (default trainer.early_stopping.patience) and restore the best epoch's
+    weights; without (a refit), train every epoch."""
+    callbacks = list(callbacks)
+    if validation is not None:
+        callbacks.insert(0, keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", restore_best_weights=True, verbose=1,
+            patience=cfg.trainer.early_stopping.patience if patience is None else patience))
+        validation = one_hot(validation, num_classes)
+    return model.fit(one_hot(train, num_classes), validation_data=validation, epochs=epochs or cfg.epochs,
+                     initial_epoch=initial_epoch, callbacks=callbacks, verbose=cfg.trainer.verbose,
                      shuffle=False)  # the tf.data pipeline shuffles

@@ -75,5 +75,23 @@ def test_a_search_needs_a_storage_and_known_sampler():
 
 
 def test_an_unknown_parameter_type_is_a_user_error():
-    with pytest.raises(UserError, match="has type 'loguniform'; use float, int or categorical"):
+    with pytest.raises(UserError, match="has type 'loguniform'; use float, int, categorical or subset"):
         search.suggest(optuna.create_study().ask(), OmegaConf.create({"lr": {"type": "loguniform"}}))
+
+
+def test_a_subset_parameter_samples_non_empty_lists_of_its_choices_one_flag_each():
+    space = OmegaConf.create({"backbones": {"type": "subset", "choices": ["a", "b", "c"]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn, pruned = [], 0
+    for _ in range(40):
+        trial = study.ask()
+        try:
+            drawn.append(search.suggest(trial, space)["backbones"])
+        except optuna.TrialPruned:
+            pruned += 1
+            assert not any(trial.params.values())  # only an empty draw is pruned
+            continue
+        assert set(trial.params) == {"backbones.a", "backbones.b", "backbones.c"}
+        assert drawn[-1] == [c for c in "abc" if trial.params[f"backbones.{c}"]]
+    assert {tuple(d) for d in drawn} == {("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")}
+    assert 0 < pruned < 15  # 1 draw in 8 is empty

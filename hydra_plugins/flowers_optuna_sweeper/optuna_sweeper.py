@@ -77,7 +77,12 @@ class OptunaSweeper(Sweeper):
             trial = search.next_trial(study, self.cfg.n_trials, self.cfg.sampler)
             if trial is None:
                 return returns
-            values = search.suggest(trial, self.cfg.params)
+            try:
+                values = search.suggest(trial, self.cfg.params)
+            except optuna.TrialPruned as pruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                log.info("trial %d PRUNED before it ran: %s", trial.number, pruned)
+                continue
             overrides = [*arguments, *(f"{name}={_override(value)}" for name, value in values.items()),
                          f"+optuna_trial={trial.number}"]
             [job] = self.launcher.launch([overrides], initial_job_idx=trial.number)
@@ -91,6 +96,8 @@ class OptunaSweeper(Sweeper):
 
 
 def _override(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(_override, value)) + "]"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

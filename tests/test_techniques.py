@@ -1,0 +1,150 @@
+"""Beyond the frozen linear head: several backbones, test-time augmentation, training views, refit on
+train + validation, and fine-tuning in two stages; on synthetic data and tiny backbones."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from src.config import UserError, backbone_configs, model_input_size
+from src.data import load_splits
+from src.export import CLASSIFY_RESIZED
+from src.model import predict_views, view
+from src.pipeline import run_job
+from tests.conftest import compose_config
+
+
+def two_backbones(handle: str) -> list[dict]:
+    """Two tiny backbones that see the image at different sizes."""
+    return [{"name": "small", "handle": handle, "input_size": [32, 32]},
+            {"name": "large", "handle": handle, "input_size": [48, 48]}]
+
+
+def job(synthetic_cfg, **changes):
+    """A fast linear probe on the synthetic data, with `changes` merged in."""
+    cfg = synthetic_cfg.copy()
+    cfg.merge_with({"epochs": 4, "lr": 0.02, "model": {"augmentation": {"enabled": False}, "normalize_features": True}})
+    cfg.merge_with(changes)
+    return cfg
+
+
+def logged_run():
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return run
+
+
+def served_top1(run_id: str, n: int = 8):
+    """The exported model's top-1 for the first test images, through MLflow's pyfunc model (raw image bytes)."""
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    images = [image.numpy() for image, _ in load_splits(compose_config("data=synthetic").data).test.take(n)]
+    return model.predict(pd.DataFrame({"image": images}))
+
+
+def logged_predictions(run_id: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="test_predictions.csv"))
+
+
+def test_backbones_name_options_or_give_mappings_and_the_model_input_is_the_largest(tiny_backbone):
+    cfg = compose_config("backbones=[mobilenet_v1_100_224,efficientnet_lite2_260]")
+    assert [b.name for b in backbone_configs(cfg)] == ["mobilenet_v1_100_224", "efficientnet_lite2_260"]
+    assert backbone_configs(cfg)[0].handle.endswith("/mobilenet_v1_100_224")  # ${paths.backbones_dir} resolved
+    assert model_input_size(cfg) == (260, 260)
+    cfg = job(compose_config(), backbones=two_backbones(tiny_backbone))
+    assert [(b.name, b.trainable) for b in backbone_configs(cfg)] == [("small", False), ("large", False)]
+    assert model_input_size(compose_config("backbone=efficientnet_lite2_260")) == (260, 260)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"backbones": ["mobilenet_v1_100_224", "resnet"]}, "unknown backbone 'resnet' in backbones; choose from: "),
+    ({"backbones": ["mobilenet_v1_100_224"] * 2}, "backbones=['mobilenet_v1_100_224', 'mobilenet_v1_100_224'] names a backbone twice"),
+    ({"backbones": [{"name": "x"}]}, "backbones entry {'name': 'x'} is invalid: give a conf/backbone name, or a"),
+    ({"model": {"tta": "flips"}}, "model.tta='flips' is unknown; use one of: none, flip, crops"),
+    ({"model": {"train_views": "mirror"}}, "model.train_views='mirror' is unknown; use one of: none, flip, crops"),
+    ({"finetune": {"lr_scale": 0}}, "finetune.lr_scale=0 is invalid: expected a positive number"),
+    ({"trainer": {"refit": "yes"}}, "trainer.refit='yes' is invalid: expected true or false"),
+])
+def test_bad_technique_settings_are_one_line_errors_before_any_run(synthetic_cfg, tmp_path, changes, message):
+    with pytest.raises(UserError) as error:
+        run_job(job(synthetic_cfg, **changes), tmp_path)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_views_are_fixed_transforms_of_the_batch():
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3)), tf.uint8)
+    np.testing.assert_array_equal(view(images, "identity"), images)
+    np.testing.assert_array_equal(view(images, "flip"), images.numpy()[:, :, ::-1])
+    center = view(images, "center")
+    assert center.shape == images.shape and center.dtype == tf.uint8
+    np.testing.assert_array_equal(view(images, "center_flip"), center.numpy()[:, :, ::-1])
+    constant = lambda x, training=False: tf.cast(tf.reduce_mean(x, axis=[1, 2, 3])[:, None], tf.float32)
+    expected = np.mean([constant(images), constant(view(images, "center"))], axis=0)
+    np.testing.assert_allclose(predict_views(constant, images, ("identity", "center")), expected, rtol=1e-6)
+
+
+def test_two_backbones_with_tta_training_views_and_refit_in_one_run(synthetic_cfg, tiny_backbone, tmp_path):
+    cfg = job(synthetic_cfg, backbones=two_backbones(tiny_backbone), model={"tta": "flip", "train_views": "flip"},
+              trainer={"refit": True})
+    metrics = run_job(cfg, tmp_path / "job")
+    run = logged_run()
+    assert run.data.tags["backbone"] == "small+large"
+    assert run.info.run_name == "small+large-tta_flip-views_flip-refit-lr0.02-bs32-seed42"
+    assert metrics["test/accuracy"] > 0.5 and metrics["val/accuracy_tta"] > 0.5  # chance is 0.25
+    assert "test/accuracy_single_view" in metrics
+
+    client = mlflow.MlflowClient()
+    val_curve = client.get_metric_history(run.info.run_id, "val/accuracy")
+    refit_curve = client.get_metric_history(run.info.run_id, "refit/train/accuracy")
+    assert len(val_curve) == metrics["epochs_trained"]
+    assert [m.step for m in refit_curve] == list(range(1, int(metrics["best_epoch"]) + 1))  # the selected epochs
+    assert not client.get_metric_history(run.info.run_id, "refit/val/accuracy")  # validation is training data
+
+    # per backbone, split and view: 2 x 3 x 2 files
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 12
+    # the served model averages over the image and its mirror, as the evaluation did
+    served, logged = served_top1(run.info.run_id), logged_predictions(run.info.run_id)
+    assert list(served["label"]) == list(logged["predicted"][:8])
+    np.testing.assert_allclose(served["score"], logged["confidence"][:8], atol=1e-4)
+    # TFLite's signature needs one input size; these backbones have two
+    saved_model = next((tmp_path / "job" / "saved_model").rglob("saved_model.pb")).parent
+    assert CLASSIFY_RESIZED not in tf.saved_model.load(str(saved_model)).signatures
+
+
+def test_two_backbones_on_cached_features_match_training_through_the_images(synthetic_cfg, tiny_backbone, tmp_path):
+    """The cache keys each backbone's features by the size images are decoded to, as the model sees them."""
+    results = {}
+    for cached in (True, False):
+        cfg = job(synthetic_cfg, backbones=two_backbones(tiny_backbone), trainer={"feature_cache": cached})
+        results[cached] = run_job(cfg, tmp_path / f"cached={cached}")
+    assert results[True]["val/accuracy_best"] == pytest.approx(results[False]["val/accuracy_best"], abs=0.005)
+    assert results[True]["test/accuracy"] == pytest.approx(results[False]["test/accuracy"], abs=0.01)
+
+
+def backbone_kernel(saved_model_dir) -> np.ndarray:
+    [kernel] = [v.numpy() for v in tf.saved_model.load(str(saved_model_dir)).variables if "conv" in v.name]
+    return kernel
+
+
+@pytest.mark.parametrize("stage1_lr, selected", [(1e-4, "fine-tuned"), (0.05, "frozen")])
+def test_finetuning_continues_the_run_and_keeps_the_better_stage(synthetic_cfg, tiny_backbone, tmp_path, stage1_lr,
+                                                                 selected):
+    """Stage 1 at a tiny lr learns little in one epoch, so stage 2 (100 x that lr, backbone unfrozen) is selected;
+    a stage 1 that already separates the classes is kept, backbone untouched."""
+    cfg = job(synthetic_cfg, epochs=2, lr=stage1_lr,
+              finetune={"enabled": True, "lr_scale": 0.02 / stage1_lr, "epochs": 3, "patience": 3})
+    metrics = run_job(cfg, tmp_path / "job")
+    run = logged_run()
+    client = mlflow.MlflowClient()
+    first = int(client.get_metric_history(run.info.run_id, "finetune/first_epoch")[0].value)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")]
+    assert steps == list(range(1, first + 3)) and first == 3  # stage 1: epochs 1-2; stage 2: 3-5, one run
+    assert run.data.tags["feature_cache"] == "true"  # stage 1 trained on cached features
+    pretrained = backbone_kernel(tiny_backbone)
+    kernel = backbone_kernel(next((tmp_path / "job" / "saved_model").rglob("saved_model.pb")).parent)
+    if selected == "fine-tuned":
+        assert metrics["best_epoch"] >= first and not np.allclose(kernel, pretrained)
+    else:
+        assert metrics["best_epoch"] < first and np.array_equal(kernel, pretrained)
+    served, logged = served_top1(run.info.run_id), logged_predictions(run.info.run_id)
+    assert list(served["label"]) == list(logged["predicted"][:8])
