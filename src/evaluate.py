@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from src.model import predict_batches
 
 
 @dataclass
@@ -18,12 +17,6 @@ class Evaluation:
     per_class: pd.DataFrame
     confusion: np.ndarray  # rows: true class, columns: predicted class
     predictions: pd.DataFrame  # one row per image, in the split's order: label, predicted, confidence
-
-
-def evaluate(model: keras.Model, batches: tf.data.Dataset, class_names: list[str],
-             loss: keras.losses.Loss) -> Evaluation:
-    """One pass over `batches` of (model inputs, int labels): images, or cached features for a head."""
-    return evaluation(*predict_batches(model, batches), class_names, loss)
 
 
 def evaluation(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str],

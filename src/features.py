@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from src.config import backbone_configs
 from src.model import predict_batches
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ PREPROCESSING = "decode_and_resize(alpha-on-white-uint8,bilinear,antialias)->Res
 def applies(cfg) -> bool:
     """Cached features stand in for the images only when nothing between image and features trains or varies.
     With fine-tuning on, they serve its first stage (the head on the frozen backbones)."""
-    from src.config import backbone_configs
-
     frozen = not any(backbone.trainable for backbone in backbone_configs(cfg))
     return bool(cfg.trainer.feature_cache) and frozen and not cfg.model.augmentation.enabled
 

@@ -106,11 +106,13 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
 
     use_cache = features.applies(cfg)
     mlflow.set_tag("feature_cache", str(use_cache).lower())
-    pretrained = [backbone.get_weights() for backbone in inputs.backbones] if cfg.finetune.enabled else []
+    pretrained = [backbone.get_weights() for backbone in inputs.backbones] if cfg.trainer.refit else []
     start = time.perf_counter()
     cached = None
     if use_cache:
-        cached = _cached_features(cfg, inputs, {*tta, *tta_views(cfg.model.train_views)})
+        train_views = tta_views(cfg.model.train_views)
+        refit_views = train_views if cfg.trainer.refit else ()  # a refit trains on validation too
+        cached = _cached_features(cfg, inputs, {"train": train_views, "validation": {*refit_views, *tta}, "test": tta})
         mlflow.log_metric("time/features_s", time.perf_counter() - start)  # ~0 once the cache holds them
     trained = _train(cfg, inputs, cached, ("train",), callbacks)
     curves = trained.curves
@@ -125,7 +127,7 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
         metrics["val/accuracy_tta"] = _accuracy(*trained.predict("validation", tta))
     if cfg.trainer.refit:
         log.info("refit on train + validation for %s epochs", trained.stage_epochs)
-        for backbone, weights in zip(inputs.backbones, pretrained):  # fine-tuning changed them
+        for backbone, weights in zip(inputs.backbones, pretrained):  # a trainable or fine-tuned backbone changed
             backbone.set_weights(weights)
         keras.utils.set_random_seed(cfg.seed)
         trained = _train(cfg, inputs, cached, ("train", "validation"), [track.EpochMetrics("refit/")],
@@ -210,7 +212,7 @@ def _finetune(cfg: DictConfig, inputs: Inputs, stage1: keras.Model, curves: pd.D
     splits, strategy = inputs.splits, inputs.strategy
     size, num_classes = model_input_size(cfg), len(splits.class_names)
     model_cfg = OmegaConf.merge(cfg.model, {"augmentation": {"enabled": True}})
-    stage1_weights = stage1.get_weights()
+    stage1_weights, frozen = stage1.get_weights(), [backbone.trainable for backbone in inputs.backbones]
     with strategy.scope():
         model = build_model(inputs.backbones, size, num_classes, model_cfg, cfg.seed, head=stage1.get_layer("head"))
         for backbone in inputs.backbones:
@@ -222,8 +224,8 @@ def _finetune(cfg: DictConfig, inputs: Inputs, stage1: keras.Model, curves: pd.D
                   validation, num_classes, cfg, callbacks, initial_epoch=first,
                   epochs=first + (stage_epochs[1] if stage_epochs else cfg.finetune.epochs),
                   patience=cfg.finetune.patience)
-    for backbone in inputs.backbones:
-        backbone.trainable = False  # as loaded, for a refit or the next job of the process
+    for backbone, trainable in zip(inputs.backbones, frozen):  # as configured, for a refit
+        backbone.trainable = trainable
     stage2 = _curves(history, first)
     if stage_epochs:
         selected = list(stage_epochs)
@@ -232,7 +234,8 @@ def _finetune(cfg: DictConfig, inputs: Inputs, stage1: keras.Model, curves: pd.D
     else:  # fine-tuning never beat the frozen backbone: keep stage 1's model
         stage1.set_weights(stage1_weights)
         selected.append(0)
-    mlflow.log_metric("finetune/first_epoch", first + 1)
+    if not stage_epochs:
+        mlflow.log_metric("finetune/first_epoch", first + 1)
     return Trained(model, _image_predictor(cfg, splits, size, model), pd.concat([curves, stage2]), selected)
 
 
@@ -250,8 +253,11 @@ def _image_batches(cfg: DictConfig, splits: Splits, names: tuple[str, ...], size
     batches = make_batches(ds, size, cfg.batch_size, cache=cfg.data.cache, shuffle_seed=cfg.seed)
     if len(views) == 1:
         return batches
-    viewed = [batches.map(lambda images, labels, v=v: (view(images, v), labels)) for v in views]
-    return tf.data.Dataset.sample_from_datasets(viewed, seed=cfg.seed)
+    return tf.data.Dataset.sample_from_datasets([_viewed(batches, v) for v in views], seed=cfg.seed)
+
+
+def _viewed(batches: tf.data.Dataset, name: str) -> tf.data.Dataset:
+    return batches.map(lambda images, labels: (view(images, name), labels))
 
 
 def _image_predictor(cfg: DictConfig, splits: Splits, size, model: keras.Model):
@@ -261,9 +267,9 @@ def _image_predictor(cfg: DictConfig, splits: Splits, size, model: keras.Model):
     return predict
 
 
-def _cached_features(cfg: DictConfig, inputs: Inputs, views) -> dict:
-    """(features, labels) per (split, view), from the cache or extracted into it, with the features of every
-    backbone concatenated; and `dims`, each backbone's feature count."""
+def _cached_features(cfg: DictConfig, inputs: Inputs, views: dict) -> dict:
+    """(features, labels) per (split, view) for the `views` of each split, from the cache or extracted into it,
+    with the features of every backbone concatenated; and `dims`, each backbone's feature count."""
     splits, size = inputs.splits, model_input_size(cfg)
     per_backbone = []
     for backbone, backbone_cfg in zip(inputs.backbones, backbone_configs(cfg)):
@@ -272,11 +278,10 @@ def _cached_features(cfg: DictConfig, inputs: Inputs, views) -> dict:
         cached = {}
         for split in SPLITS:
             split_spec = OmegaConf.select(cfg.data, f"splits.{split}", default=split)
-            for v in sorted(views):
+            for v in sorted({"identity", *views[split]}):
                 key = features.cache_key(backbone.module_path, backbone_files, backbone_cfg.input_size, splits.name,
                                          splits.version, split_spec, decoded_size=size, view=v)
-                batches = make_batches(getattr(splits, split), size, cfg.batch_size)
-                batches = batches.map(lambda images, labels, v=v: (view(images, v), labels))
+                batches = _viewed(make_batches(getattr(splits, split), size, cfg.batch_size), v)
                 cached[split, v] = features.load_or_extract(
                     extractor, batches, Path(cfg.paths.cache_dir) / "features" / f"{key}.npz")
         per_backbone.append(cached)

@@ -34,22 +34,27 @@ CONFIGURATION = {"params.backbone.name": "backbone", "params.lr": "lr", "params.
                  "params.model.augmentation.enabled": "augmentation",
                  "params.model.normalize_features": "normalize_features"}
 RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SELECT_BY}": SELECT_BY, f"metrics.{TIE_BREAK}": TIE_BREAK,
-           "metrics.test/accuracy": "test/accuracy", "metrics.test/top5_accuracy": "test/top5_accuracy",
+           "metrics.val/accuracy_tta": "val/accuracy_tta", "metrics.test/accuracy": "test/accuracy",
+           "metrics.test/accuracy_single_view": "test/accuracy_single_view",
+           "metrics.test/top5_accuracy": "test/top5_accuracy",
            "metrics.best_epoch": "best_epoch", "metrics.epochs_trained": "epochs_trained",
            "metrics.time/train_s": "time/train_s", "metrics.model/size_mb": "model/size_mb", "tags.error": "error",
            "run_id": "run_id"}
 # Params that do not change what a run learns: where things are, how it is served, logged or exported.
 NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "params.tracking.", "params.serve.",
                      "params.registry.", "params.export.", "params.trainer.verbose", "params.trainer.feature_cache",
-                     "params.backbone.handle", "params.data.data_dir", "params.data.download", "params.data.cache")
+                     "params.backbone.handle", "params.data.data_dir", "params.data.download", "params.data.cache",
+                     "params.backbones")  # the backbone column names every backbone of a run (its tag)
 INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch")
-ACCURACIES = [SELECT_BY, "test/accuracy", "test/top5_accuracy"]
+ACCURACIES = [SELECT_BY, "val/accuracy_tta", "test/accuracy", "test/accuracy_single_view", "test/top5_accuracy"]
 MISTAKES = 12
 
 
 def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     """`mlflow.search_runs` output -> one row per run, best on validation first: run, status, configuration
     (CONFIGURATION and any other param that varies), seed, then the results (RESULTS)."""
+    if "tags.backbone" in runs:  # `a+b` for a run on several backbones (params.backbone.name is then unused)
+        runs = runs.assign(**{"params.backbone.name": runs["tags.backbone"].fillna(runs["params.backbone.name"])})
     varying = [c for c in runs if c.startswith("params.") and c not in CONFIGURATION
                and not c.startswith(NOT_CONFIGURATION) and runs[c].nunique(dropna=False) > 1]
     columns = {"tags.mlflow.runName": "run", "status": "status", **CONFIGURATION,

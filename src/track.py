@@ -94,10 +94,15 @@ def run_name(cfg: DictConfig) -> str:
     """e.g. `mobilenet_v2_100_224-lr0.03-bs64-seed1`, `...-finetune-tta_flip-views_flip-refit-...` with techniques."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    techniques = [name for name, on in (("finetune", cfg.finetune.enabled), (f"tta_{cfg.model.tta}", cfg.model.tta != "none"),
+    try:
+        backbones = backbone_label(cfg)
+    except UserError:  # named anyway, so that a sweep job fails inside its run and shows as FAILED
+        backbones = "invalid_backbones"
+    techniques = [name for name, on in (("finetune", cfg.finetune.enabled),
+                                        (f"tta_{cfg.model.tta}", cfg.model.tta != "none"),
                                         (f"views_{cfg.model.train_views}", cfg.model.train_views != "none"),
                                         ("refit", cfg.trainer.refit)) if on]
-    return "-".join([backbone_label(cfg), *techniques, f"lr{cfg.lr:g}", f"bs{cfg.batch_size}", f"seed{cfg.seed}"])
+    return "-".join([backbones, *techniques, f"lr{cfg.lr:g}", f"bs{cfg.batch_size}", f"seed{cfg.seed}"])
 
 
 def git_commit() -> str:

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.evaluate import evaluate
+from src.evaluate import evaluation
+from src.model import predict_batches
 
 
 def constant_model(probabilities):
@@ -25,7 +26,7 @@ def test_metrics_per_class_accuracy_and_confusion_matrix():
     # Always predicts class 0, then 1, 2, 3, 4, 5 in decreasing order of score.
     scores = np.array([0.4, 0.2, 0.15, 0.1, 0.08, 0.07])
     labels = [0, 0, 0, 1, 2, 5, 5, 3, 4, 0]
-    result = evaluate(constant_model(scores), batches(labels), list("abcdef"),
+    result = evaluation(*predict_batches(constant_model(scores), batches(labels)), list("abcdef"),
                       keras.losses.CategoricalCrossentropy())
     assert result.metrics["test/accuracy"] == pytest.approx(4 / 10)
     assert result.metrics["test/top5_accuracy"] == pytest.approx(8 / 10)  # class 5 is sixth
@@ -37,7 +38,7 @@ def test_metrics_per_class_accuracy_and_confusion_matrix():
 
 
 def test_a_class_without_test_images_has_no_accuracy_rather_than_zero():
-    result = evaluate(constant_model(np.array([0.6, 0.3, 0.1])), batches([0, 1]), list("abc"),
+    result = evaluation(*predict_batches(constant_model(np.array([0.6, 0.3, 0.1])), batches([0, 1])), list("abc"),
                       keras.losses.CategoricalCrossentropy())
     assert set(result.metrics) == {"test/accuracy", "test/top5_accuracy", "test/loss"}
     assert np.isnan(result.per_class["accuracy"][2])

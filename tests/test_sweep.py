@@ -211,3 +211,28 @@ def test_two_workers_share_a_study_on_the_journal_storage(tmp_path, tiny_backbon
 
 def test_two_workers_share_a_study_on_postgresql(tmp_path, tiny_backbone, postgres_url):
     run_workers(tmp_path, tiny_backbone, postgres_url, n_trials=6)
+
+
+def test_optuna_searches_which_backbones_to_concatenate(tmp_path, tiny_backbone):
+    """hparams_search=multi_backbone over two backbones, here two copies of the tiny one under offline names."""
+    backbones_dir = tmp_path / "backbones"
+    backbones_dir.mkdir()
+    names = ["mobilenet_v1_100_224", "efficientnet_lite0_224"]
+    for name in names:
+        (backbones_dir / name).symlink_to(tiny_backbone)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    sweep(tmp_path, tiny_backbone, "hparams_search=multi_backbone", "epochs=2", f"paths.backbones_dir={backbones_dir}",
+          f"hydra.sweeper.params.backbones.choices=[{','.join(names)}]", f"hydra.sweeper.storage={storage}",
+          "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.n_startup_trials=6", "hydra.sweeper.study_name=subsets")
+    study = optuna.load_study(study_name="subsets", storage=storage)
+    assert len(study.trials) == 6
+    runs = all_runs(tmp_path).set_index("tags.optuna.trial")
+    for trial in study.trials:
+        chosen = [n for n in names if trial.params[f"backbones.{n}"]]
+        if not chosen:  # pruned before it ran: no MLflow run
+            assert trial.state == optuna.trial.TrialState.PRUNED and str(trial.number) not in runs.index
+            continue
+        run = runs.loc[str(trial.number)]
+        assert run["status"] == "FINISHED" and run["tags.backbone"] == "+".join(chosen)
+    ran = {runs.loc[str(t.number), "tags.backbone"] for t in study.trials if str(t.number) in runs.index}
+    assert len(ran) >= 2  # different subsets were tried

@@ -76,7 +76,9 @@ def test_views_are_fixed_transforms_of_the_batch():
     np.testing.assert_array_equal(view(images, "identity"), images)
     np.testing.assert_array_equal(view(images, "flip"), images.numpy()[:, :, ::-1])
     center = view(images, "center")
-    assert center.shape == images.shape and center.dtype == tf.uint8
+    crop = tf.cast(images[:, 4:36, 5:45], tf.float32)  # the central 80 %: 32 of 40 rows, 40 of 50 columns
+    expected = tf.image.resize(crop, (40, 50), method="bilinear", antialias=True)
+    np.testing.assert_array_equal(center, tf.cast(tf.clip_by_value(tf.round(expected), 0, 255), tf.uint8))
     np.testing.assert_array_equal(view(images, "center_flip"), center.numpy()[:, :, ::-1])
     constant = lambda x, training=False: tf.cast(tf.reduce_mean(x, axis=[1, 2, 3])[:, None], tf.float32)
     expected = np.mean([constant(images), constant(view(images, "center"))], axis=0)
@@ -126,12 +128,13 @@ def backbone_kernel(saved_model_dir) -> np.ndarray:
     return kernel
 
 
-@pytest.mark.parametrize("stage1_lr, selected", [(1e-4, "fine-tuned"), (0.05, "frozen")])
+@pytest.mark.parametrize("stage1_lr, selected, refit", [(1e-4, "fine-tuned", False), (0.05, "frozen", False),
+                                                        (1e-4, "fine-tuned", True)])
 def test_finetuning_continues_the_run_and_keeps_the_better_stage(synthetic_cfg, tiny_backbone, tmp_path, stage1_lr,
-                                                                 selected):
-    """Stage 1 at a tiny lr learns little in one epoch, so stage 2 (100 x that lr, backbone unfrozen) is selected;
-    a stage 1 that already separates the classes is kept, backbone untouched."""
-    cfg = job(synthetic_cfg, epochs=2, lr=stage1_lr,
+                                                                 selected, refit):
+    """Stage 1 at a tiny lr learns little in two epochs, so stage 2 (lr 0.02, backbone unfrozen) is selected; a
+    stage 1 that already separates the classes is kept, backbone untouched. A refit repeats both stages."""
+    cfg = job(synthetic_cfg, epochs=2, lr=stage1_lr, trainer={"refit": refit},
               finetune={"enabled": True, "lr_scale": 0.02 / stage1_lr, "epochs": 3, "patience": 3})
     metrics = run_job(cfg, tmp_path / "job")
     run = logged_run()
@@ -148,3 +151,11 @@ def test_finetuning_continues_the_run_and_keeps_the_better_stage(synthetic_cfg, 
         assert metrics["best_epoch"] < first and np.array_equal(kernel, pretrained)
     served, logged = served_top1(run.info.run_id), logged_predictions(run.info.run_id)
     assert list(served["label"]) == list(logged["predicted"][:8])
+    refit_steps = [m.step for m in client.get_metric_history(run.info.run_id, "refit/train/accuracy")]
+    if refit:  # each stage for its selected epochs: stage 1 up to its best epoch, stage 2 up to its own
+        stage1 = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/accuracy"),
+                                          key=lambda m: m.step) if m.step < first]
+        stage1_best, stage2_best = int(np.argmax(stage1)) + 1, int(metrics["best_epoch"]) - (first - 1)
+        assert refit_steps == list(range(1, stage1_best + stage2_best + 1))
+    else:
+        assert not refit_steps
