@@ -101,8 +101,10 @@ def accuracy_bars(summary: pd.DataFrame, group: str, title: str) -> plt.Figure:
         ax.bar_label(bars, labels=[f"{m:.3f}" + (f"\n±{s:.3f}" if n > 1 else "")
                                    for m, s, n in zip(means, stds, summary["n"])],
                      label_type="center", fontsize=8, color=text_color)
-    ax.set_xticks(x, [f"{value}\n(n={n})" for value, n in zip(summary[group], summary["n"])], fontsize=8)
-    ax.set(ylabel="accuracy", ylim=(0, 1.12), title=title)
+    ax.set_xticks(x, [f"{value}\n(n={n})".replace("+", "+\n") for value, n in zip(summary[group], summary["n"])],
+                  fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.12))
+    ax.set_title(title, fontsize=10, wrap=True)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper right", ncols=2)
     return fig

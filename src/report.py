@@ -142,6 +142,11 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
     if "backbone" in summary:
         figures["accuracy_by_backbone.png"] = plots.accuracy_bars(
             by_backbone(summary), "backbone", f"{experiment_name}: accuracy per backbone (its best configuration)")
+    varying = [c for c in configuration_columns(table) if c in summary and summary[c].nunique(dropna=False) > 1]
+    if "backbone" in summary and len(summary) > summary["backbone"].nunique():  # more than the backbone varies
+        labels = summary.assign(configuration=[_configuration_label(row, varying) for _, row in summary.iterrows()])
+        figures["accuracy_by_configuration.png"] = plots.accuracy_bars(
+            labels, "configuration", f"{experiment_name}: accuracy per configuration")
     if "lr" in summary and summary["lr"].nunique() > 1:
         others = [c for c in configuration_columns(table) if c not in ("backbone", "lr", "batch_size")]
         figures["accuracy_vs_lr.png"] = plots.accuracy_vs_lr(
@@ -181,11 +186,24 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
     return files
 
 
+def _configuration_label(row: pd.Series, columns: list[str]) -> str:
+    """One line per column that varies, e.g. `4 backbones`, `model.tta=flip`."""
+    lines = []
+    for column in columns:
+        value = row[column]
+        if column == "backbone":
+            lines.append(f"{value.count('+') + 1} backbones" if "+" in str(value) else str(value))
+        else:
+            lines.append(f"{column}={value}")
+    return "\n".join(lines)
+
+
 def _readable(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary with each accuracy as "mean ± std" (just the mean for a single run)."""
+    """The summary with each accuracy as "mean ± std" (just the mean for a single run; empty when the runs do
+    not log it, e.g. val/accuracy_tta without TTA)."""
     readable = summary.drop(columns=[c for c in summary if c.endswith(("_mean", "_std"))])
     for metric in ACCURACIES:
-        readable[metric] = [f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
+        readable[metric] = [None if pd.isna(m) else f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
                             for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
     return readable.drop(columns=["seeds"]) if (summary["seeds"] == summary["n"]).all() else readable
 
