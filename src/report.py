@@ -143,7 +143,7 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
         figures["accuracy_by_backbone.png"] = plots.accuracy_bars(
             by_backbone(summary), "backbone", f"{experiment_name}: accuracy per backbone (its best configuration)")
     varying = [c for c in configuration_columns(table) if c in summary and summary[c].nunique(dropna=False) > 1]
-    if "backbone" in summary and len(summary) > summary["backbone"].nunique():  # more than the backbone varies
+    if set(varying) - {"backbone", "lr", "batch_size"} and len(summary) <= 12:  # techniques, not a grid or search
         labels = summary.assign(configuration=[_configuration_label(row, varying) for _, row in summary.iterrows()])
         figures["accuracy_by_configuration.png"] = plots.accuracy_bars(
             labels, "configuration", f"{experiment_name}: accuracy per configuration")
