@@ -26,7 +26,7 @@ from tensorflow.lite.python.convert import ConverterError  # noqa: E402  (not in
 
 from src import register  # noqa: E402
 from src.track import run_config  # noqa: E402
-from src.config import PROJECT_ROOT, UserError, backbone_configs, load_config, model_input_size  # noqa: E402
+from src.config import PROJECT_ROOT, UserError, load_config, model_input_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +79,6 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
         raise UserError(f"run {run_id} trained in {run.data.tags['precision']}; TFLite and OpenVINO export a "
                         "float32 model: train one with trainer.mixed_precision=false")
     run_cfg = run_config(run_id)
-    sizes = {tuple(b.input_size) for b in backbone_configs(run_cfg)}
-    if len(sizes) > 1:
-        raise UserError(f"run {run_id} concatenates backbones of different input sizes {sorted(sizes)}; TFLite "
-                        "takes one size (no antialiased resize op): export a run whose backbones share one size")
     size, splits = model_input_size(run_cfg), load_splits(run_cfg.data)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".") as tmp:  # same file system: a rename swaps

@@ -28,8 +28,7 @@ def export_saved_model(model: keras.Model, class_names: list[str], input_size, t
       -> labels: int32 [batch, k], class_names: string [batch, k], scores: float32 [batch, k]; the scores are
       averaged over the test-time-augmentation `views`;
     `classify_resized`: images: uint8 [batch, height, width, 3] at the input size -> probabilities: float32
-      [batch, classes], one view; what the TFLite export converts. Left out when a backbone needs another input
-      size (several backbones of different sizes)."""
+      [batch, classes], one view; what the TFLite export converts."""
     k = min(top_k, len(class_names))
     names = tf.constant(class_names)
     image_spec = tf.TensorSpec([*input_size, 3], tf.uint8)
@@ -44,10 +43,9 @@ def export_saved_model(model: keras.Model, class_names: list[str], input_size, t
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
     classify = classify_resized(model, input_size)
-    if classify is not None:
-        archive.add_endpoint(CLASSIFY_RESIZED, tf.function(
-            lambda images: {"probabilities": classify(images)},
-            input_signature=[tf.TensorSpec([None, *input_size, 3], tf.uint8, name="images")]))
+    archive.add_endpoint(CLASSIFY_RESIZED, tf.function(
+        lambda images: {"probabilities": classify(images)},
+        input_signature=[tf.TensorSpec([None, *input_size, 3], tf.uint8, name="images")]))
     archive.write_out(str(path), verbose=False)
     return path
 

@@ -98,16 +98,19 @@ def build_feature_extractor(backbone: keras.layers.Layer, input_size) -> keras.M
 
 def classify_resized(model: keras.Model, input_size):
     """`model` without its resize layers: uint8 images already at the input size (as `decode_and_resize` gives
-    them) -> probabilities. TFLite runs this: it has no antialiased resize op. None when a backbone needs another
-    size than the model's input (several backbones of different sizes)."""
+    them) -> probabilities, one view. TFLite runs this: it has no antialiased resize op. So a backbone with a
+    smaller input than the model's (several backbones) gets a plain bilinear resize here, and sees slightly
+    different pixels than in the serving signature."""
     head = model.get_layer("head")
     backbones = [layer for layer in model.layers if isinstance(layer, HubFeatureVector)]
-    if any(tuple(getattr(b, "input_size", None) or input_size) != tuple(input_size) for b in backbones):
-        return None
 
     def classify(images):
         x = tf.cast(images, "float32") * (1 / 255)  # as the Rescaling layer
-        features = [backbone(x, training=False) for backbone in backbones]
+        features = []
+        for backbone in backbones:
+            size = tuple(getattr(backbone, "input_size", None) or input_size)
+            resized = x if size == tuple(input_size) else tf.image.resize(x, size, method="bilinear")
+            features.append(backbone(resized, training=False))
         return head(tf.concat(features, axis=-1) if len(features) > 1 else features[0], training=False)
     return classify
 
