@@ -187,10 +187,13 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
 
 
 def _configuration_label(row: pd.Series, columns: list[str]) -> str:
-    """One line per column that varies, e.g. `4 backbones`, `model.tta=flip`."""
+    """One line per column that varies, e.g. `4 backbones`, `model.tta=flip`; fine-tuning's settings only where
+    it is on."""
     lines = []
     for column in columns:
         value = row[column]
+        if column.startswith("finetune.") and column != "finetune.enabled" and str(row.get("finetune.enabled")) != "True":
+            continue
         if column == "backbone":
             lines.append(f"{value.count('+') + 1} backbones" if "+" in str(value) else str(value))
         else:

@@ -32,8 +32,8 @@ def convert(saved_model_dir: Path, quantization: str, representative: np.ndarray
         raise UserError("int8 conversion needs representative train images to calibrate on")
     loaded = tf.saved_model.load(str(saved_model_dir))
     if CLASSIFY_RESIZED not in loaded.signatures:
-        raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: it was exported before TFLite "
-                        "export existed; train and register a new model")
+        raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: an older version of this "
+                        "project exported it; train and register a new model")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[CLASSIFY_RESIZED])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":

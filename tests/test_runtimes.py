@@ -90,7 +90,7 @@ def test_a_saved_model_without_the_resized_images_signature_is_a_one_line_error(
     module = tf.Module()
     module.f = tf.function(lambda x: x + 1, input_signature=[tf.TensorSpec([None], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "old"), signatures={"serving_default": module.f})
-    with pytest.raises(UserError, match="has no 'classify_resized' signature: it was exported before"):
+    with pytest.raises(UserError, match="has no 'classify_resized' signature: an older version of this project exported it"):
         convert(tmp_path / "old", "float16")
 
 

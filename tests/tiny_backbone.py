@@ -9,11 +9,11 @@ import tensorflow as tf
 FEATURES = 16
 
 
-def save_tiny_backbone(path: str) -> str:
-    rng = tf.random.Generator.from_seed(0)
-    kernel = tf.Variable(rng.normal([3, 3, 3, FEATURES], stddev=0.5), name="conv/kernel")
-    gamma = tf.Variable(tf.ones([FEATURES]), name="bn/gamma")
-    moving_mean = tf.Variable(tf.zeros([FEATURES]), trainable=False, name="bn/moving_mean")
+def save_tiny_backbone(path: str, features: int = FEATURES, seed: int = 0) -> str:
+    rng = tf.random.Generator.from_seed(seed)
+    kernel = tf.Variable(rng.normal([3, 3, 3, features], stddev=0.5), name="conv/kernel")
+    gamma = tf.Variable(tf.ones([features]), name="bn/gamma")
+    moving_mean = tf.Variable(tf.zeros([features]), trainable=False, name="bn/moving_mean")
 
     @tf.function
     def call(images, training=False):
