@@ -55,8 +55,8 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     (CONFIGURATION and any other param that varies), seed, then the results (RESULTS)."""
     if "tags.backbone" in runs:  # `a+b` for a run on several backbones (params.backbone.name is then unused)
         runs = runs.assign(**{"params.backbone.name": runs["tags.backbone"].fillna(runs["params.backbone.name"])})
-    varying = [c for c in runs if c.startswith("params.") and c not in CONFIGURATION
-               and not c.startswith(NOT_CONFIGURATION) and runs[c].nunique(dropna=False) > 1]
+    varying = sorted(c for c in runs if c.startswith("params.") and c not in CONFIGURATION  # sorted: same order
+                     and not c.startswith(NOT_CONFIGURATION) and runs[c].nunique(dropna=False) > 1)  # every report
     columns = {"tags.mlflow.runName": "run", "status": "status", **CONFIGURATION,
                **{c: c.removeprefix("params.") for c in varying}, "params.seed": "seed", **RESULTS}
     table = runs.reindex(columns=list(columns)).rename(columns=columns)
