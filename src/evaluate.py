@@ -19,6 +19,11 @@ class Evaluation:
     predictions: pd.DataFrame  # one row per image, in the split's order: label, predicted, confidence
 
 
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The share of images whose most probable class is their label."""
+    return float((probabilities.argmax(axis=1) == labels).mean())
+
+
 def evaluation(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str],
                loss: keras.losses.Loss) -> Evaluation:
     """The evaluation of predicted class `probabilities` [images, classes] against int `labels`."""
@@ -33,7 +38,7 @@ def evaluation(probabilities: np.ndarray, labels: np.ndarray, class_names: list[
                               "images": confusion.sum(axis=1), "correct": np.diag(confusion)})
     per_class["accuracy"] = per_class["correct"] / per_class["images"].where(per_class["images"] > 0)
 
-    metrics = {"test/accuracy": float((predicted == labels).mean()),
+    metrics = {"test/accuracy": accuracy(probabilities, labels),
                "test/top5_accuracy": float((top5 == labels[:, None]).any(axis=1).mean()),
                "test/loss": loss_value}
     predictions = pd.DataFrame({"label": labels, "predicted": predicted,

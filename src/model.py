@@ -64,6 +64,11 @@ def _resize_and_scale(x, input_size, suffix: str = ""):
     return layers.Rescaling(1 / 255, dtype="float32", name=f"scale{suffix}")(x)
 
 
+def _size_of(backbone: keras.layers.Layer, input_size) -> tuple[int, int]:
+    """The backbone's own input size if it has one (a HubFeatureVector from a config), else the model's."""
+    return tuple(getattr(backbone, "input_size", None) or input_size)
+
+
 def _image_input():
     return keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
 
@@ -78,7 +83,7 @@ def build_model(backbones, input_size, num_classes: int, cfg: DictConfig, seed: 
     features = []
     for backbone in backbones:
         suffix = f"_{backbone.name}" if len(backbones) > 1 else ""
-        x = _resize_and_scale(images, getattr(backbone, "input_size", None) or input_size, suffix)
+        x = _resize_and_scale(images, _size_of(backbone, input_size), suffix)
         if cfg.augmentation.enabled:  # one per backbone: each sees its own input size; the same seed
             x = build_augmentation(cfg.augmentation, seed, f"augmentation{suffix}")(x)
         features.append(backbone(x))
@@ -92,7 +97,7 @@ def build_feature_extractor(backbone: keras.layers.Layer, input_size) -> keras.M
     """uint8 image -> the backbone's features, through the same resize and scale as the classifier: images given
     at the model's input size are resized to the backbone's own."""
     images = _image_input()
-    x = _resize_and_scale(images, getattr(backbone, "input_size", None) or input_size)
+    x = _resize_and_scale(images, _size_of(backbone, input_size))
     return keras.Model(images, backbone(x), name="feature_extractor")
 
 
@@ -108,7 +113,7 @@ def classify_resized(model: keras.Model, input_size):
         x = tf.cast(images, "float32") * (1 / 255)  # as the Rescaling layer
         features = []
         for backbone in backbones:
-            size = tuple(getattr(backbone, "input_size", None) or input_size)
+            size = _size_of(backbone, input_size)
             resized = x if size == tuple(input_size) else tf.image.resize(x, size, method="bilinear")
             features.append(backbone(resized, training=False))
         return head(tf.concat(features, axis=-1) if len(features) > 1 else features[0], training=False)

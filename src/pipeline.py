@@ -21,7 +21,7 @@ from src import features, plots, track
 from src.backbone import HubFeatureVector, load_backbone
 from src.config import backbone_configs, flatten, model_input_size, validate
 from src.data import SPLITS, Splits, load_splits, make_batches
-from src.evaluate import evaluation
+from src.evaluate import accuracy, evaluation
 from src.export import export_saved_model, log_pyfunc_model, size_mb
 from src.model import (TTA, build_feature_extractor, build_head, build_model, predict_batches, predict_views,
                        tta_views, view)
@@ -36,6 +36,7 @@ class Inputs:
     splits: Splits
     backbones: list[HubFeatureVector]
     strategy: tf.distribute.Strategy
+    input_size: tuple[int, int]  # images are decoded to it; each backbone resizes to its own
 
 
 def prepare(cfg: DictConfig) -> Inputs:
@@ -48,7 +49,7 @@ def prepare(cfg: DictConfig) -> Inputs:
     strategy = make_strategy(cfg.trainer)
     splits = load_splits(cfg.data)
     with strategy.scope():  # the backbones' variables are the strategy's (mirrored) variables
-        return Inputs(splits, [load_backbone(b) for b in backbone_configs(cfg)], strategy)
+        return Inputs(splits, [load_backbone(b) for b in backbone_configs(cfg)], strategy, model_input_size(cfg))
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
         "epochs_trained": len(curves),
     }
     if len(tta) > 1:  # on the selected model, before any refit puts validation into training
-        metrics["val/accuracy_tta"] = _accuracy(*trained.predict("validation", tta))
+        metrics["val/accuracy_tta"] = accuracy(*trained.predict("validation", tta))
     if cfg.trainer.refit:
         log.info("refit on train + validation for %s epochs", trained.stage_epochs)
         for backbone, weights in zip(inputs.backbones, pretrained):  # a trainable or fine-tuned backbone changed
@@ -139,13 +140,13 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
     start = time.perf_counter()
     result = evaluation(*trained.predict("test", tta), splits.class_names, make_loss(cfg))
     if len(tta) > 1:
-        result.metrics["test/accuracy_single_view"] = _accuracy(*trained.predict("test", TTA["none"]))
+        result.metrics["test/accuracy_single_view"] = accuracy(*trained.predict("test", TTA["none"]))
     eval_seconds = time.perf_counter() - start
 
     metrics.update({**result.metrics, "time/train_s": train_seconds, "time/eval_s": eval_seconds})
     mlflow.log_metrics(metrics)
-    model, size = trained.model, model_input_size(cfg)
-    _log_plots(cfg, model, splits, curves, result.confusion, tta)
+    model, size = trained.model, inputs.input_size
+    _log_plots(cfg, model, splits, size, curves, result.confusion, tta)
     _log_evaluation(result, splits.class_names, output_dir)
 
     saved_model = export_saved_model(model, splits.class_names, size, cfg.export.top_k,
@@ -162,16 +163,12 @@ def _train_and_log_with_policy(cfg: DictConfig, inputs: Inputs, output_dir: Path
     return metrics
 
 
-def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    return float((probabilities.argmax(axis=1) == labels).mean())
-
-
 def _train(cfg: DictConfig, inputs: Inputs, cached: dict | None, train_splits: tuple[str, ...], callbacks,
            stage_epochs: list[int] | None = None) -> Trained:
     """Stage 1, the head (on cached features when `cached`), then stage 2, fine-tuning, if enabled. Selection
     runs (`stage_epochs` None) stop early on validation; a refit trains each stage for its `stage_epochs`."""
     splits, strategy = inputs.splits, inputs.strategy
-    size, num_classes = model_input_size(cfg), len(splits.class_names)
+    size, num_classes = inputs.input_size, len(splits.class_names)
     validation = "validation" if stage_epochs is None else None
     train_views = tta_views(cfg.model.train_views)
     epochs = stage_epochs[0] if stage_epochs else cfg.epochs
@@ -195,7 +192,7 @@ def _train(cfg: DictConfig, inputs: Inputs, cached: dict | None, train_splits: t
             model = build_model(inputs.backbones, size, num_classes, cfg.model, cfg.seed)
             compile_model(model, cfg)
         history = fit(model, _image_batches(cfg, splits, train_splits, size, train_views),
-                      validation and make_batches(splits.validation, size, cfg.batch_size, cache=cfg.data.cache),
+                      validation and _validation_batches(cfg, splits, size),
                       num_classes, cfg, callbacks, epochs=epochs)
         predict = _image_predictor(cfg, splits, size, model)
     curves = _curves(history)
@@ -210,7 +207,7 @@ def _finetune(cfg: DictConfig, inputs: Inputs, stage1: keras.Model, curves: pd.D
     """Stage 2: the backbones unfrozen, lr * finetune.lr_scale, model.augmentation's layers on, epochs counted
     on from stage 1's."""
     splits, strategy = inputs.splits, inputs.strategy
-    size, num_classes = model_input_size(cfg), len(splits.class_names)
+    size, num_classes = inputs.input_size, len(splits.class_names)
     model_cfg = OmegaConf.merge(cfg.model, {"augmentation": {"enabled": True}})
     stage1_weights, frozen = stage1.get_weights(), [backbone.trainable for backbone in inputs.backbones]
     with strategy.scope():
@@ -219,7 +216,7 @@ def _finetune(cfg: DictConfig, inputs: Inputs, stage1: keras.Model, curves: pd.D
             backbone.trainable = True
         compile_model(model, OmegaConf.merge(cfg, {"lr": cfg.lr * cfg.finetune.lr_scale}))
     first = len(curves)
-    validation = None if stage_epochs else make_batches(splits.validation, size, cfg.batch_size, cache=cfg.data.cache)
+    validation = None if stage_epochs else _validation_batches(cfg, splits, size)
     history = fit(model, _image_batches(cfg, splits, train_splits, size, tta_views(cfg.model.train_views)),
                   validation, num_classes, cfg, callbacks, initial_epoch=first,
                   epochs=first + (stage_epochs[1] if stage_epochs else cfg.finetune.epochs),
@@ -256,6 +253,10 @@ def _image_batches(cfg: DictConfig, splits: Splits, names: tuple[str, ...], size
     return tf.data.Dataset.sample_from_datasets([_viewed(batches, v) for v in views], seed=cfg.seed)
 
 
+def _validation_batches(cfg: DictConfig, splits: Splits, size) -> tf.data.Dataset:
+    return make_batches(splits.validation, size, cfg.batch_size, cache=cfg.data.cache)
+
+
 def _viewed(batches: tf.data.Dataset, name: str) -> tf.data.Dataset:
     return batches.map(lambda images, labels: (view(images, name), labels))
 
@@ -270,16 +271,16 @@ def _image_predictor(cfg: DictConfig, splits: Splits, size, model: keras.Model):
 def _cached_features(cfg: DictConfig, inputs: Inputs, views: dict) -> dict:
     """(features, labels) per (split, view) for the `views` of each split, from the cache or extracted into it,
     with the features of every backbone concatenated; and `dims`, each backbone's feature count."""
-    splits, size = inputs.splits, model_input_size(cfg)
+    splits, size = inputs.splits, inputs.input_size
     per_backbone = []
-    for backbone, backbone_cfg in zip(inputs.backbones, backbone_configs(cfg)):
+    for backbone in inputs.backbones:
         extractor = build_feature_extractor(backbone, size)
         backbone_files = features.files_digest(backbone.module_path)
         cached = {}
         for split in SPLITS:
             split_spec = OmegaConf.select(cfg.data, f"splits.{split}", default=split)
             for v in sorted({"identity", *views[split]}):
-                key = features.cache_key(backbone.module_path, backbone_files, backbone_cfg.input_size, splits.name,
+                key = features.cache_key(backbone.module_path, backbone_files, backbone.input_size, splits.name,
                                          splits.version, split_spec, decoded_size=size, view=v)
                 batches = _viewed(make_batches(getattr(splits, split), size, cfg.batch_size), v)
                 cached[split, v] = features.load_or_extract(
@@ -311,9 +312,10 @@ def _log_evaluation(result, class_names: list[str], output_dir: Path) -> None:
         mlflow.log_artifact(str(output_dir / name))
 
 
-def _log_plots(cfg: DictConfig, model: keras.Model, splits: Splits, curves: pd.DataFrame, confusion, views) -> None:
+def _log_plots(cfg: DictConfig, model: keras.Model, splits: Splits, size, curves: pd.DataFrame, confusion,
+               views) -> None:
     name = track.run_name(cfg)
-    images, labels = next(iter(make_batches(splits.test, model_input_size(cfg), cfg.export.sample_predictions)))
+    images, labels = next(iter(make_batches(splits.test, size, cfg.export.sample_predictions)))
     figures = {
         "plots/training_curves.png": plots.training_curves(curves, name),
         "plots/confusion_matrix.png": plots.confusion_matrix(confusion, splits.class_names,
