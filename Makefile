@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # The store train.py uses (conf/tracking/mlflow.yaml): MLFLOW_TRACKING_URI, or the project's mlflow.db.
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test train report ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+.PHONY: install test train report compare evaluate ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -27,6 +27,14 @@ train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2
 report: install  ## tables and figures of one experiment's runs into experiments/$(EXPERIMENT)/results; e.g. EXPERIMENT=lr_batch_grid
 	@test -n "$(EXPERIMENT)" || { echo "error: say which experiment: make report EXPERIMENT=<name>, e.g. EXPERIMENT=backbone_comparison" >&2; exit 2; }
 	$(PYTHON) scripts/report.py $(EXPERIMENT) $(ARGS)
+
+compare: install  ## two runs on the same test images, paired; e.g. RUNS="<run id A> <run id B>" ARGS=--json
+	@test -n "$(RUNS)" || { echo "error: say which runs: make compare RUNS=\"<run id A> <run id B>\"" >&2; exit 2; }
+	$(PYTHON) scripts/compare.py $(RUNS) $(ARGS)
+
+evaluate: install  ## a model on a labelled folder <FOLDER>/<class name>/*; e.g. MODEL=models:/flowers@champion FOLDER=photos
+	@test -n "$(FOLDER)" || { echo "error: say which photos: make evaluate FOLDER=<folder>/<class name>/*.jpg [MODEL=<model uri>]" >&2; exit 2; }
+	$(PYTHON) scripts/evaluate.py --folder $(FOLDER) $(if $(MODEL),--model-uri $(MODEL)) $(ARGS)
 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)

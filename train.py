@@ -27,21 +27,21 @@ def main(cfg: DictConfig) -> float | None:
 
     from src.pipeline import run_job
     from src.search import PruningCallback
-    from src.sweep import SWEEP_RUN_ENV
+    from src.selection import SCORE
+    from src.track import SWEEP_RUN_ENV
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
-            return run_job(cfg, output_dir)["val/accuracy_best"]
+            return run_job(cfg, output_dir)[SCORE]
         except UserError as error:
             sys.exit(f"error: {error}")
 
     # A job of a sweep: its MLflow run is a child of the sweep's run, and a failure does not stop the sweep.
     try:
         callbacks = [] if cfg.get("optuna_trial") is None else [PruningCallback(hydra_cfg.sweeper, cfg.optuna_trial)]
-        return run_job(cfg, output_dir, parent_run_id=os.environ.get(SWEEP_RUN_ENV), callbacks=callbacks)[
-            "val/accuracy_best"]
+        return run_job(cfg, output_dir, parent_run_id=os.environ.get(SWEEP_RUN_ENV), callbacks=callbacks)[SCORE]
     except optuna.TrialPruned:
         raise  # the Optuna sweeper tells the study
     except Exception as error:

@@ -74,7 +74,7 @@ def throughput(call, n: int, concurrency: int) -> float:
 
 
 def start_server(model_uri: str | None) -> tuple[subprocess.Popen, str]:
-    from src.serve import free_port, wait_until_up
+    from tests.helpers import free_port, wait_until_up  # the test suite's server helpers
     port = free_port()
     command = [sys.executable, "scripts/serve_best.py", f"serve.port={port}"]
     if model_uri:

@@ -16,23 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow  # noqa: E402
 
-from src import register  # noqa: E402
-from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
+from src import cli, register  # noqa: E402
+from src.config import PROJECT_ROOT  # noqa: E402
 from src.export import write_tfserving  # noqa: E402
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config()
+    cfg = cli.config()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "tfserving", help="model base path")
     parser.add_argument("--name", default=cfg.registry.model_name, help="registered model name")
     args = parser.parse_args(argv)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    try:
-        champion = register.require_champion(mlflow.MlflowClient(), args.name)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    champion = register.require_champion(mlflow.MlflowClient(), args.name)
     path = write_tfserving(f"models:/{args.name}/{champion.version}", args.output, args.name, int(champion.version))
     print(f"{args.name} version {champion.version} (run {champion.run_id}) -> {path}")
     print(f"models.config -> {args.output / 'models.config'}")

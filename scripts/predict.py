@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import requests  # noqa: E402
 
-from src.config import UserError, load_config  # noqa: E402
+from src import cli  # noqa: E402
+from src.config import UserError  # noqa: E402
 
 
 def predict_url(url: str, images: list[bytes]) -> list[list[dict]]:
@@ -90,8 +91,9 @@ def _message(response: requests.Response) -> str:
     return " ".join(message.split("Error: ")[-1].split())  # MLflow prefixes a dump of the input
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config()
+    cfg = cli.config()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     where = parser.add_mutually_exclusive_group()
@@ -104,32 +106,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="image megabytes per request, at most (base64 adds a third; serve.max_body_mb)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     args = parser.parse_args(argv)
-    try:
-        if (args.top_k is not None and args.top_k < 1) or args.batch_size < 1:
-            raise UserError("--top-k and --batch-size must be positive")
-        missing = [str(p) for p in args.images if not p.is_file()]
-        if missing:
-            raise UserError(f"no such file: {', '.join(missing)}")
-        if args.url:
-            predict = lambda images: predict_url(args.url, images)  # noqa: E731
-        elif args.tflite:
-            predict = tflite_model(args.tflite, args.top_k or cfg.export.top_k)
-        else:
-            import mlflow
-            mlflow.set_tracking_uri(cfg.tracking.uri)
-            predict = in_process(args.model_uri or f"models:/{cfg.registry.model_name}@champion")
-        for files in batches(args.images, args.batch_size, int(args.batch_mb * 2**20)):
-            try:
-                results = predict([f.read_bytes() for f in files])
-            except UserError as error:
-                raise UserError(f"{', '.join(map(str, files))}: {error}") from None
-            for file, top_k in zip(files, results):
-                if args.top_k and args.top_k > len(top_k):
-                    raise UserError(f"--top-k {args.top_k} is more than the model's {len(top_k)} classes per image")
-                show(file, top_k[:args.top_k], args.json)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if (args.top_k is not None and args.top_k < 1) or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be positive")
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise UserError(f"no such file: {', '.join(missing)}")
+    if args.url:
+        predict = lambda images: predict_url(args.url, images)  # noqa: E731
+    elif args.tflite:
+        predict = tflite_model(args.tflite, args.top_k or cfg.export.top_k)
+    else:
+        predict = in_process(args.model_uri or f"models:/{cfg.registry.model_name}@champion")
+    for files in batches(args.images, args.batch_size, int(args.batch_mb * 2**20)):
+        try:
+            results = predict([f.read_bytes() for f in files])
+        except UserError as error:
+            raise UserError(f"{', '.join(map(str, files))}: {error}") from None
+        for file, top_k in zip(files, results):
+            if args.top_k and args.top_k > len(top_k):
+                raise UserError(f"--top-k {args.top_k} is more than the model's {len(top_k)} classes per image")
+            show(file, top_k[:args.top_k], args.json)
     return 0
 
 

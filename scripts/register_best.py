@@ -4,8 +4,9 @@
     python scripts/register_best.py --sweep <parent run id>   # best job of one sweep
     python scripts/register_best.py --run-id <run id>     # this run
 
-Best = highest val/accuracy_best, ties to the lower val/loss_at_best. The store is MLFLOW_TRACKING_URI or the
-project's mlflow.db. The `champion` alias moves only when the new version beats it on validation.
+Best = first in the selection order of src/selection.py (CV or val accuracy, then the matching loss, then the
+earlier run). The store is MLFLOW_TRACKING_URI or the project's mlflow.db. The `champion` alias moves only when
+the new version beats it on what both were selected on.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow  # noqa: E402
 
-from src import register  # noqa: E402
-from src.config import UserError, load_config  # noqa: E402
+from src import cli, register  # noqa: E402
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config()
+    cfg = cli.config()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default=cfg.tracking.experiment_name, help="MLflow experiment to search")
     scope = parser.add_mutually_exclusive_group()
@@ -31,13 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     scope.add_argument("--run-id", help="register this run instead of the best one")
     parser.add_argument("--name", default=cfg.registry.model_name, help="registered model name")
     args = parser.parse_args(argv)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    try:
-        outcome = register.register_best(mlflow.MlflowClient(), args.experiment, args.name,
-                                         sweep_run_id=args.sweep, run_id=args.run_id)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    outcome = register.register_best(mlflow.MlflowClient(), args.experiment, args.name,
+                                     sweep_run_id=args.sweep, run_id=args.run_id)
     print(outcome.message)
     print(f"serve it: make serve-best   (models:/{args.name}@{register.CHAMPION})")
     return 0

@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow  # noqa: E402
 
-from src import report  # noqa: E402
-from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
+from src import cli, report  # noqa: E402
+from src.config import PROJECT_ROOT  # noqa: E402
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", help="MLflow experiment name, e.g. backbone_comparison")
@@ -31,12 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out or PROJECT_ROOT / "experiments" / args.experiment / "results"
-    try:
-        mlflow.set_tracking_uri(load_config().tracking.uri)
-        files = report.write_report(mlflow.MlflowClient(), args.experiment, out, args.optuna_storage)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    cli.config()
+    files = report.write_report(mlflow.MlflowClient(), args.experiment, out, args.optuna_storage)
     print(f"report of '{args.experiment}' in {out} (and logged to its `report` run): {', '.join(files)}")
     return 0
 

@@ -15,25 +15,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlflow  # noqa: E402
-
-from src import serve  # noqa: E402
-from src.config import UserError, load_config, validate_serve  # noqa: E402
+from src import cli, serve  # noqa: E402
+from src.config import validate_serve  # noqa: E402
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", help="serve this model instead of models:/<registry.model_name>@champion")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. serve.port=9000 serve.max_images=8")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(*args.overrides)
-        validate_serve(cfg)
-        mlflow.set_tracking_uri(cfg.tracking.uri)
-        model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    cfg = cli.config(*args.overrides)
+    validate_serve(cfg)
+    model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
     print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations",
           flush=True)
     serve.serve(model_uri, cfg.serve)

@@ -17,11 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf  # noqa: E402
 
+from src import cli  # noqa: E402
 from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
 from src.data import SPLITS, load_splits  # noqa: E402
 from src.plots import dataset_examples  # noqa: E402
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=SPLITS, default="train")
@@ -30,13 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default experiments/dataset_examples/<dataset>_<split>.jpg")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=image_folder data.root=...")
     args = parser.parse_args(argv)
-    try:
-        if args.n < 1:
-            raise UserError(f"--n {args.n} is invalid: expected a positive number of images")
-        splits = load_splits(load_config(*args.overrides).data)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.n < 1:
+        raise UserError(f"--n {args.n} is invalid: expected a positive number of images")
+    splits = load_splits(load_config(*args.overrides).data)
     examples = list(getattr(splits, args.split).shuffle(10_000, seed=args.seed).take(args.n))
     images = [tf.io.decode_image(image, channels=3, expand_animations=False).numpy() for image, _ in examples]
     labels = [int(label) for _, label in examples]

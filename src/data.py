@@ -7,6 +7,7 @@ for training, evaluation and the exported serving signature alike, so the three 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import socket
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Splits:
     class_names: list[str]
     name: str
     version: str
+    specs: dict[str, str]  # what each split is in its source, e.g. {"train": "train[:50%]", ...}
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:
@@ -54,6 +56,11 @@ def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:
 def _on_white(image: tf.Tensor) -> tf.Tensor:
     color, alpha = tf.cast(image[..., :-1], tf.float32), tf.cast(image[..., -1:], tf.float32) / 255.0
     return tf.cast(tf.round(color * alpha + 255.0 * (1.0 - alpha)), tf.uint8)
+
+
+def decoding_fingerprint() -> str:
+    """The code that turns image bytes into pixels, for the feature cache key."""
+    return inspect.getsource(decode_and_resize) + inspect.getsource(_on_white)
 
 
 def make_batches(ds: tf.data.Dataset, size, batch_size: int, *, cache: bool = False,
@@ -98,7 +105,7 @@ def _load_tfds(cfg: DictConfig) -> Splits:
         for split in SPLITS
     }
     return Splits(**datasets, class_names=list(builder.info.features["label"].names),
-                  name=cfg.name, version=str(builder.info.version))
+                  name=cfg.name, version=str(builder.info.version), specs=dict(cfg.splits))
 
 
 def _reachable(builder, timeout: float = 5.0) -> bool:
@@ -127,7 +134,8 @@ def _load_image_folder(cfg: DictConfig) -> Splits:
         files, labels = _list_images(root / cfg.splits[split], class_names)
         datasets[split] = tf.data.Dataset.from_tensor_slices((files, labels)).map(
             lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
-    return Splits(**datasets, class_names=class_names, name=f"image_folder:{root.name}", version=_folder_version(root))
+    return Splits(**datasets, class_names=class_names, name=f"image_folder:{root.name}", version=_folder_version(root),
+                  specs=dict(cfg.splits))
 
 
 def _list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -180,7 +188,8 @@ def _load_synthetic(cfg: DictConfig) -> Splits:
                 labels.append(label)
         datasets[split] = tf.data.Dataset.from_tensor_slices((images, np.array(labels, dtype=np.int64)))
     version = f"{cfg.num_classes}classes-{dict(cfg.images_per_class)}-{cfg.min_side}to{cfg.max_side}px"
-    return Splits(**datasets, class_names=class_names, name="synthetic", version=version)
+    return Splits(**datasets, class_names=class_names, name="synthetic", version=version,
+                  specs={split: split for split in SPLITS})
 
 
 def _synthetic_jpeg(rng: np.random.Generator, colour, min_side: int, max_side: int) -> bytes:

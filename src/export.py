@@ -14,22 +14,27 @@ import pandas as pd
 import tensorflow as tf
 from mlflow.models import Model, infer_signature
 
+from src import files
 from src.data import decode_and_resize
-from src.model import TTA, classify_resized, predict_views
+from src.model import Network
+from src.views import predict_views
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CLASSIFY_RESIZED = "classify_resized"
+CLASS_NAMES = "class_names"
 
 
-def export_saved_model(model: keras.Model, class_names: list[str], input_size, top_k: int, path: Path,
-                       views=TTA["none"]) -> Path:
-    """Write `path` (e.g. .../flowers/1) with two signatures:
+def export_saved_model(model: keras.Model, network: Network, class_names: list[str], top_k: int, path: Path,
+                       views=("identity",)) -> Path:
+    """Write `path` (e.g. .../flowers/1) with three signatures:
     `serving_default`: image_bytes: string [batch] (JPEG/PNG; TF Serving REST: {"b64": ...})
       -> labels: int32 [batch, k], class_names: string [batch, k], scores: float32 [batch, k]; the scores are
       averaged over the test-time-augmentation `views`;
     `classify_resized`: images: uint8 [batch, height, width, 3] at the input size -> probabilities: float32
-      [batch, classes], one view; what the TFLite export converts."""
-    k = min(top_k, len(class_names))
+      [batch, classes], one view (Network.classify_resized); what the TFLite export converts;
+    `class_names`: no input -> class_names: string [classes], in label order."""
+    k, input_size = min(top_k, len(class_names)), network.input_size
+    classify = network.classify_resized(model.get_layer("head"))
     names = tf.constant(class_names)
     image_spec = tf.TensorSpec([*input_size, 3], tf.uint8)
 
@@ -42,7 +47,7 @@ def export_saved_model(model: keras.Model, class_names: list[str], input_size, t
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
-    classify = classify_resized(model, input_size)
+    archive.add_endpoint(CLASS_NAMES, tf.function(lambda: {"class_names": names}, input_signature=[]))
     archive.add_endpoint(CLASSIFY_RESIZED, tf.function(
         lambda images: {"probabilities": classify(images)},
         input_signature=[tf.TensorSpec([None, *input_size, 3], tf.uint8, name="images")]))
@@ -98,12 +103,8 @@ def write_tfserving(model_uri: str, base: Path, name: str, version: int, contain
     """TF Serving's layout under `base`: <name>/<version>/saved_model.pb, and models.config serving exactly that
     version (TF Serving would otherwise serve the highest version in the folder, not the champion)."""
     target = base / name / str(version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".") as tmp:  # TF Serving skips non-numeric names
-        staged = Path(tmp) / "staged"
-        shutil.copytree(saved_model_of(model_uri, Path(tmp) / "download"), staged)
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)
+    with tempfile.TemporaryDirectory() as tmp, files.replaced(target, folder=True) as staged:
+        shutil.copytree(saved_model_of(model_uri, Path(tmp)), staged, dirs_exist_ok=True)
     config = MODELS_CONFIG.format(name=name, base_path=f"{container_base}/{name}", version=version)
     (base / "models.config").write_text(config)
     return target

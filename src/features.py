@@ -1,9 +1,11 @@
-"""Feature cache: a frozen backbone's features of each split, computed once and kept on disk.
+"""Feature cache: frozen backbones' features of each split's images, computed once and kept on disk.
 
-With the backbone frozen and augmentation off, every epoch of every trial would push the same images through
-the same backbone. Here they go through once; heads then train on the cached features in seconds. The key
-covers everything that changes the features, so a changed backbone file, input size, dataset version, split
-or preprocessing gets new features rather than stale ones.
+With the backbones frozen and augmentation off, every epoch of every trial would push the same images through the
+same backbones. Here they go through once, per backbone, split and view; heads then train on the cached features
+in seconds. The key covers everything that changes the features: the backbone's files and input size, the size
+images are decoded to, the dataset, its version and split, the view, the TensorFlow version, and the
+preprocessing the `Network` applies (its layers' settings and the decoding code, read from them rather than
+written by hand). So a change gets new features rather than stale ones.
 """
 
 from __future__ import annotations
@@ -11,27 +13,57 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.model_selection import StratifiedKFold
 
-from src.config import backbone_configs
-from src.model import predict_batches
+from src import files, progress
+from src.data import Splits, make_batches
+from src.model import Network, predict_batches
+from src.views import fingerprint as view_fingerprint, view
 
 log = logging.getLogger(__name__)
 
-# Bump when decode_and_resize or the model's resize/scale layers change.
-PREPROCESSING = "decode_and_resize(alpha-on-white-uint8,bilinear,antialias)->Resizing(bilinear,antialias)->Rescaling(1/255)"
+
+@dataclass(frozen=True)
+class Features:
+    """Every backbone's features side by side, in the network's order, for each split's images in each view."""
+
+    arrays: Mapping[tuple[str, str], np.ndarray]  # (split, view) -> [images, sum(widths)]
+    labels: Mapping[str, np.ndarray]  # split -> [images], in the split's order
+    widths: tuple[int, ...]  # each backbone's number of features
+
+    def get(self, split: str, view_name: str = "identity") -> tuple[np.ndarray, np.ndarray]:
+        return self.arrays[split, view_name], self.labels[split]
+
+    def stack(self, splits: Sequence[str], views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Training examples: each image of `splits` in each of `views`."""
+        parts = [self.get(split, v) for split in splits for v in views]
+        return np.concatenate([f for f, _ in parts]), np.concatenate([labels for _, labels in parts])
+
+    def folds(self, k: int, seed: int, views: Sequence[str]) -> list[Features]:
+        """Cross-validation on train + validation: k Features, one per fold, whose `train` is the other folds'
+        images in every one of `views` and whose `validation` is the fold's images (one view)."""
+        pooled = {v: np.concatenate([self.arrays["train", v], self.arrays["validation", v]]) for v in views}
+        pooled["identity"] = np.concatenate([self.arrays["train", "identity"], self.arrays["validation", "identity"]])
+        labels = np.concatenate([self.labels["train"], self.labels["validation"]])
+        return [Features({**{("train", v): pooled[v][fit] for v in views},
+                          ("validation", "identity"): pooled["identity"][held_out]},
+                         {"train": labels[fit], "validation": labels[held_out]}, self.widths)
+                for fit, held_out in fold_indices(labels, k, seed)]
 
 
-def applies(cfg) -> bool:
-    """Cached features stand in for the images only when nothing between image and features trains or varies.
-    With fine-tuning on, they serve its first stage (the head on the frozen backbones)."""
-    frozen = not any(backbone.trainable for backbone in backbone_configs(cfg))
-    return bool(cfg.trainer.feature_cache) and frozen and not cfg.model.augmentation.enabled
+def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k stratified folds, seeded: (indices to fit on, held-out indices) per fold; each index is held out once."""
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < k:
+        raise ValueError(f"trainer.cv_folds={k} needs at least {k} images of every class in train + validation; "
+                         f"the smallest class has {counts[counts > 0].min()}")
+    return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
 
 
 def files_digest(root: str) -> str:
@@ -44,30 +76,52 @@ def files_digest(root: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(backbone_path: str, backbone_files: str, input_size, dataset: str, version: str, split: str,
-              decoded_size=None, view: str = "identity") -> str:
-    """`backbone_files` is `files_digest(backbone_path)`, computed once per job. `decoded_size`: the size images
-    are decoded to before the backbone's own resize, when it differs (several backbones); `view`: the
-    test-time-augmentation view of the image (src.model.view)."""
-    fields = {"backbone": backbone_path, "backbone_files": backbone_files, "input_size": list(input_size),
-              "dataset": dataset, "version": version, "split": split, "preprocessing": PREPROCESSING,
-              "tensorflow": tf.__version__}
-    if decoded_size is not None and tuple(decoded_size) != tuple(input_size):
-        fields["decoded_size"] = list(decoded_size)
-    if view != "identity":
-        fields["view"] = view
+def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_or_extract(extractor: keras.Model, batches: tf.data.Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) from `path` if it exists, else computed from `batches` and written atomically."""
-    if path.is_file():
-        with np.load(path) as cached:
-            return cached["features"], cached["labels"]
-    log.info("extracting features into %s", path)
-    features, labels = predict_batches(extractor, batches)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-    np.savez(partial, features=features, labels=labels)
-    os.replace(partial, path)  # readers never see half a file, even with parallel workers
-    return features, labels
+def load(network: Network, splits: Splits, views: Mapping[str, Sequence[str]], batch_size: int,
+         cache_dir: Path) -> Features:
+    """The features of each split's images in its `views` (and the identity), from the cache or extracted into
+    it. One pass of the images feeds every backbone whose features are missing."""
+    digests = {backbone.name: files_digest(backbone.module_path) for backbone in network.backbones}
+    arrays, labels = {}, {}
+    for split, split_views in views.items():
+        for name in ("identity", *sorted(set(split_views) - {"identity"})):
+            paths = {backbone.name: cache_dir / "features" / f"{cache_key(_fields(network, backbone, digests, splits, split, name))}.npz"
+                     for backbone in network.backbones}
+            missing = [b for b in network.backbones if not paths[b.name].is_file()]
+            if missing:
+                _extract(Network(missing, network.input_size), splits, split, name, batch_size,
+                         [paths[b.name] for b in missing])
+            parts = []
+            for backbone in network.backbones:
+                with np.load(paths[backbone.name]) as cached:
+                    parts.append(cached["features"])
+                    labels[split] = cached["labels"]
+            arrays[split, name] = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    widths = tuple(int(array.shape[1]) for array in parts)
+    return Features(arrays, labels, widths)
+
+
+def _fields(network: Network, backbone, digests: dict, splits: Splits, split: str, view_name: str) -> dict:
+    return {"backbone": backbone.module_path, "backbone_files": digests[backbone.name],
+            "input_size": list(network.size_of(backbone)), "decoded_size": list(network.input_size),
+            "preprocessing": network.fingerprint(backbone), "dataset": splits.name, "version": splits.version,
+            "split": splits.specs[split], "view": view_fingerprint(view_name), "tensorflow": tf.__version__}
+
+
+def _extract(network: Network, splits: Splits, split: str, view_name: str, batch_size: int,
+             paths: list[Path]) -> None:
+    """Every backbone's features of the split's images in the view, from one decode, into `paths` (in order)."""
+    names = "+".join(b.name for b in network.backbones)
+    log.info("extracting features of %s/%s for %s", split, view_name, names)
+    images = getattr(splits, split)
+    batches = make_batches(images, network.input_size, batch_size).map(lambda x, y: (view(x, view_name), y))
+    with progress.bar(int(images.cardinality()), f"features {split}/{view_name} {names}", "img") as bar:
+        outputs, labels = predict_batches(network.extractor(), batches, progress=bar.update)
+    for backbone, path in zip(network.backbones, paths):
+        features = outputs[backbone.name]
+        with files.replaced(path) as partial:  # readers never see half a file, even with parallel workers
+            with open(partial, "wb") as f:
+                np.savez(f, features=features, labels=labels)

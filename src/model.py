@@ -1,21 +1,26 @@
-"""Model: raw uint8 image (any size) -> resize + scale -> augmentation -> backbone(s) -> dropout -> softmax.
+"""Model: raw uint8 image (any size) -> resize + scale -> [augmentation] -> backbone(s) -> head -> probabilities.
 
-Several backbones each see the image at their own input size; their features are concatenated before the head.
-Test-time augmentation averages the model's probabilities over fixed views of the image (VIEWS)."""
+`Network` is the one forward graph: the backbones, in their order, and the preprocessing that feeds each of them
+at its own input size. It builds the trainable classifier, the feature extractor whose outputs the feature cache
+keeps, and `classify_resized`, which TFLite and OpenVINO convert. Several backbones' features are concatenated
+before one head.
+"""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
-from omegaconf import DictConfig
 
-from src.backbone import HubFeatureVector
-from src.config import UserError
+from src import data
+from src.spec import Augmentation, Head
 
 
-def build_augmentation(cfg: DictConfig, seed: int, name: str = "augmentation") -> keras.Sequential:
+def build_augmentation(cfg: Augmentation, seed: int, name: str = "augmentation") -> keras.Sequential:
     """Random flip, rotation, zoom and contrast on [0, 1] images; identity outside training."""
     steps = []
     if cfg.horizontal_flip:
@@ -46,115 +51,109 @@ class SplitUnitNormalization(keras.layers.Layer):
         return {**super().get_config(), "dims": self.dims}
 
 
-def build_head(num_classes: int, cfg: DictConfig, feature_dims=()) -> keras.Sequential:
-    """[unit-normalise features, each backbone's part on its own] -> dropout -> dense -> softmax. Under mixed
-    precision the normalisation and the softmax stay float32."""
-    normalize = []
-    if cfg.normalize_features:
-        normalize = [SplitUnitNormalization(feature_dims) if len(feature_dims) > 1
-                     else layers.UnitNormalization(dtype="float32")]
-    return keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes),
+def normalization(widths: Sequence[int]) -> keras.layers.Layer:
+    """Unit-normalise features, each backbone's part on its own."""
+    return SplitUnitNormalization(widths) if len(widths) > 1 else layers.UnitNormalization(dtype="float32")
+
+
+def build_head(num_classes: int, cfg: Head, widths: Sequence[int]) -> keras.Sequential:
+    """[unit-normalise features] -> dropout -> dense -> softmax, built for features of `widths` (one per backbone).
+    Under mixed precision the normalisation and the softmax stay float32."""
+    normalize = [normalization(widths)] if cfg.normalize_features else []
+    head = keras.Sequential([*normalize, layers.Dropout(cfg.dropout), layers.Dense(num_classes),
                              layers.Activation("softmax", dtype="float32")], name="head")
-
-
-def _resize_and_scale(x, input_size, suffix: str = ""):
-    """float32 whatever the precision policy, so that cached features and the exported model see the same pixels."""
-    x = layers.Resizing(*input_size, interpolation="bilinear", antialias=True, dtype="float32",
-                        name=f"resize{suffix}")(x)
-    return layers.Rescaling(1 / 255, dtype="float32", name=f"scale{suffix}")(x)
-
-
-def _size_of(backbone: keras.layers.Layer, input_size) -> tuple[int, int]:
-    """The backbone's own input size if it has one (a HubFeatureVector from a config), else the model's."""
-    return tuple(getattr(backbone, "input_size", None) or input_size)
+    head.build((None, sum(widths)))
+    return head
 
 
 def _image_input():
     return keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
 
 
-def build_model(backbones, input_size, num_classes: int, cfg: DictConfig, seed: int,
-                head: keras.Sequential | None = None) -> keras.Model:
-    """The classifier that is trained end to end and exported. `backbones`: one backbone layer or a list, each
-    fed at its own `input_size` (a HubFeatureVector attribute), else at the model's `input_size`. `head` may be
-    one trained on cached features."""
-    backbones = backbones if isinstance(backbones, (list, tuple)) else [backbones]
-    images = _image_input()
-    features = []
-    for backbone in backbones:
-        suffix = f"_{backbone.name}" if len(backbones) > 1 else ""
-        x = _resize_and_scale(images, _size_of(backbone, input_size), suffix)
-        if cfg.augmentation.enabled:  # one per backbone: each sees its own input size; the same seed
-            x = build_augmentation(cfg.augmentation, seed, f"augmentation{suffix}")(x)
-        features.append(backbone(x))
-    dims = [int(f.shape[-1]) for f in features]
-    x = layers.Concatenate(name="features")(features) if len(features) > 1 else features[0]
-    probabilities = (head or build_head(num_classes, cfg, dims))(x)
-    return keras.Model(images, probabilities, name="flower_classifier")
+class Network:
+    """The backbones and how an image reaches each of them: decoded at `input_size` (the largest backbone input),
+    then resized to the backbone's own size and scaled to [0, 1]."""
 
+    def __init__(self, backbones: Sequence[keras.layers.Layer], input_size):
+        self.backbones = list(backbones)
+        self.input_size = tuple(input_size)
 
-def build_feature_extractor(backbone: keras.layers.Layer, input_size) -> keras.Model:
-    """uint8 image -> the backbone's features, through the same resize and scale as the classifier: images given
-    at the model's input size are resized to the backbone's own."""
-    images = _image_input()
-    x = _resize_and_scale(images, _size_of(backbone, input_size))
-    return keras.Model(images, backbone(x), name="feature_extractor")
+    @functools.cached_property
+    def widths(self) -> list[int]:
+        """Each backbone's number of features."""
+        return [int(f.shape[-1]) for f in self.features(_image_input())]
 
+    def size_of(self, backbone: keras.layers.Layer) -> tuple[int, int]:
+        """The backbone's own input size if it has one (a HubFeatureVector from a config), else the model's."""
+        return tuple(getattr(backbone, "input_size", None) or self.input_size)
 
-def classify_resized(model: keras.Model, input_size):
-    """`model` without its resize layers: uint8 images already at the input size (as `decode_and_resize` gives
-    them) -> probabilities, one view. TFLite runs this: it has no antialiased resize op. So a backbone with a
-    smaller input than the model's (several backbones) gets a plain bilinear resize here, and sees slightly
-    different pixels than in the serving signature."""
-    head = model.get_layer("head")
-    backbones = [layer for layer in model.layers if isinstance(layer, HubFeatureVector)]
+    def preprocessing(self, backbone: keras.layers.Layer) -> list[keras.layers.Layer]:
+        """float32 whatever the precision policy, so that cached features and the exported model see the same
+        pixels."""
+        suffix = f"_{backbone.name}" if len(self.backbones) > 1 else ""
+        return [layers.Resizing(*self.size_of(backbone), interpolation="bilinear", antialias=True, dtype="float32",
+                                name=f"resize{suffix}"),
+                layers.Rescaling(1 / 255, dtype="float32", name=f"scale{suffix}")]
 
-    def classify(images):
-        x = tf.cast(images, "float32") * (1 / 255)  # as the Rescaling layer
+    def fingerprint(self, backbone: keras.layers.Layer) -> dict:
+        """Everything between encoded image bytes and the backbone, for the feature cache key: the decoding code
+        and the preprocessing layers' settings."""
+        settings = [{k: v for k, v in layer.get_config().items() if k != "name"} for layer in self.preprocessing(backbone)]
+        return {"decode": data.decoding_fingerprint(), "layers": settings}
+
+    def features(self, images, augmentation: Augmentation | None = None, seed: int = 0) -> list:
+        """Each backbone's features of `images`, in the backbones' order."""
         features = []
-        for backbone in backbones:
-            size = _size_of(backbone, input_size)
-            resized = x if size == tuple(input_size) else tf.image.resize(x, size, method="bilinear")
-            features.append(backbone(resized, training=False))
-        return head(tf.concat(features, axis=-1) if len(features) > 1 else features[0], training=False)
-    return classify
+        for backbone in self.backbones:
+            x = images
+            for layer in self.preprocessing(backbone):
+                x = layer(x)
+            if augmentation is not None and augmentation.enabled:  # one per backbone, each at its own size
+                suffix = f"_{backbone.name}" if len(self.backbones) > 1 else ""
+                x = build_augmentation(augmentation, seed, f"augmentation{suffix}")(x)
+            features.append(backbone(x))
+        return features
+
+    def classifier(self, head: keras.Sequential, augmentation: Augmentation | None = None,
+                   seed: int = 0) -> keras.Model:
+        """uint8 image -> probabilities: what is trained end to end and exported."""
+        images = _image_input()
+        features = self.features(images, augmentation, seed)
+        x = layers.Concatenate(name="features")(features) if len(features) > 1 else features[0]
+        return keras.Model(images, head(x), name="flower_classifier")
+
+    def extractor(self) -> keras.Model:
+        """uint8 image -> each backbone's features, by its name, from one decode."""
+        images = _image_input()
+        outputs = dict(zip((b.name for b in self.backbones), self.features(images)))
+        return keras.Model(images, outputs, name="feature_extractor")
+
+    def classify_resized(self, head: keras.layers.Layer):
+        """The classifier without its resize layers: uint8 images already at the input size (as `decode_and_resize`
+        gives them) -> probabilities, one view. TFLite runs this: it has no antialiased resize op. So a backbone with
+        a smaller input than the model's gets a plain bilinear resize here, and sees slightly different pixels than
+        in the serving signature."""
+        def classify(images):
+            x = tf.cast(images, "float32") * (1 / 255)  # as the Rescaling layer
+            features = []
+            for backbone in self.backbones:
+                size = self.size_of(backbone)
+                resized = x if size == self.input_size else tf.image.resize(x, size, method="bilinear")
+                features.append(backbone(resized, training=False))
+            return head(tf.concat(features, axis=-1) if len(features) > 1 else features[0], training=False)
+        return classify
 
 
-# Test-time augmentation: fixed views of a batch of uint8 images, each the same size as the batch.
-TTA = {"none": ("identity",), "flip": ("identity", "flip"), "crops": ("identity", "flip", "center", "center_flip")}
-CENTER_FRACTION = 0.8
-
-
-def tta_views(name: str, key: str = "model.tta") -> tuple[str, ...]:
-    if name not in TTA:
-        raise UserError(f"{key}={name!r} is unknown; use one of: {', '.join(TTA)}")
-    return TTA[name]
-
-
-def view(images: tf.Tensor, name: str) -> tf.Tensor:
-    """`identity`, `flip` (horizontal), `center` (the central 80 %, resized back) or `center_flip`."""
-    if name.startswith("center"):
-        size = tf.shape(images)[1:3]
-        cropped = tf.image.central_crop(images, CENTER_FRACTION)
-        resized = tf.image.resize(cropped, size, method="bilinear", antialias=True)
-        images = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-    if name.endswith("flip"):
-        images = tf.reverse(images, axis=[2])
-    return images
-
-
-def predict_views(model: keras.Model, images: tf.Tensor, views) -> tf.Tensor:
-    """The mean of `model`'s outputs over the views of `images`."""
-    return tf.reduce_mean(tf.stack([model(view(images, v), training=False) for v in views]), axis=0)
-
-
-def predict_batches(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+def predict_batches(model, batches: tf.data.Dataset, progress=None) -> tuple:
     """(outputs, labels) of `model` over `batches` of (inputs, labels), in order. A plain call in one graph, not
     predict_on_batch: under a MirroredStrategy that returns each replica's outputs for the whole batch, stacked
-    (twice the rows on two devices)."""
+    (twice the rows on two devices). The outputs have the model's structure: an array, or a dict of them.
+    `progress`: called with each batch's size."""
     predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
     outputs, labels = [], []
     for inputs, batch_labels in batches:
-        outputs.append(predict(inputs).numpy())
+        outputs.append(tf.nest.map_structure(lambda t: t.numpy(), predict(inputs)))
         labels.append(batch_labels.numpy())
-    return np.concatenate(outputs), np.concatenate(labels)
+        if progress is not None:
+            progress(len(labels[-1]))
+    return tf.nest.map_structure(lambda *parts: np.concatenate(parts), *outputs), np.concatenate(labels)

@@ -131,7 +131,7 @@ def accuracy_vs_lr(summary: pd.DataFrame, title: str, connect: bool = True) -> p
 
 def confused_classes(confusion: pd.DataFrame, title: str, max_classes: int = 14) -> plt.Figure:
     """The confusion matrix (rows: true, columns: predicted) restricted to the classes in its largest
-    off-diagonal cells, at most `max_classes`, with the counts written in the cells."""
+    off-diagonal cells, at most `max_classes`."""
     counts = confusion.to_numpy().copy()
     np.fill_diagonal(counts, 0)
     classes: list[int] = []
@@ -142,19 +142,28 @@ def confused_classes(confusion: pd.DataFrame, title: str, max_classes: int = 14)
         pair = [c for c in (true, predicted) if c not in classes]
         if len(classes) + len(pair) <= max_classes:  # both classes of a confusion, or neither
             classes += pair
-    sub = confusion.iloc[classes, classes]
-    errors = np.ma.masked_array(sub.to_numpy(), mask=np.eye(len(classes), dtype=bool))  # colour the mistakes only
-    fig, ax = plt.subplots(figsize=(9.5, 8.5), constrained_layout=True)
+    return answer_counts(confusion.iloc[classes, classes], title)
+
+
+def answer_counts(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Counts of answers (columns) per true class (rows), written in the cells; mistakes coloured, the cells where
+    the answer is the true class grey."""
+    values = table.to_numpy()
+    right = np.array([[row == column for column in table.columns] for row in table.index])
+    errors = np.ma.masked_array(values, mask=right)  # colour the mistakes only
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(table.columns) + 3), max(4.0, 0.6 * len(table) + 2.5)),
+                           constrained_layout=True)
     cmap = plt.get_cmap("Reds").with_extremes(bad="#e8e8e8")
     image = ax.imshow(errors, cmap=cmap, interpolation="nearest", vmin=0)
-    for (i, j), value in np.ndenumerate(sub.to_numpy()):
+    for (i, j), value in np.ndenumerate(values):
         if value:
             ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                    color="white" if i != j and value > errors.max() / 2 else "black")
-    ax.set_xticks(range(len(classes)), sub.columns, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), sub.index, fontsize=8)
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    fig.colorbar(image, ax=ax, shrink=0.7, label="test images of the row's class predicted as the column's")
+                    color="white" if not right[i, j] and value > errors.max() / 2 else "black")
+    ax.set_xticks(range(len(table.columns)), table.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.7, label="images of the row's class answered as the column's")
     return fig
 
 

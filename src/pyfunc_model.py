@@ -89,7 +89,9 @@ class FlowerClassifier(mlflow.pyfunc.PythonModel):
         self._load(context.artifacts["saved_model"], {})
 
     def _load(self, path: str, limits: dict) -> None:
-        self._serve = tf.saved_model.load(path).signatures["serving_default"]
+        loaded = tf.saved_model.load(path)
+        self._serve = loaded.signatures["serving_default"]
+        self.class_names = [name.decode() for name in loaded.signatures["class_names"]()["class_names"].numpy()]
         self.limits = {**LIMITS, **limits}
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Registry: register the best run's model in the MLflow Model Registry and point the `champion` alias at it.
 
-The best run is the finished run with the highest `val/accuracy_best`; ties go to the lower `val/loss_at_best`.
-Test metrics are recorded on the model version, never used to choose it.
+The best run is the first finished run in the selection order (src/selection.py). Test metrics are recorded on
+the model version, never used to choose it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from src import selection, track
 from src.config import UserError
-from src import track
-from src.track import SELECT_BY, TIE_BREAK
 
 CHAMPION = "champion"
-VALIDATION_TAG = "val_accuracy"
+SCORE_TAG = "selection_score"
 # Run metric or tag -> model version tag.
-VERSION_METRICS = {SELECT_BY: VALIDATION_TAG, TIE_BREAK: "val_loss", "test/accuracy": "test_accuracy",
+VERSION_METRICS = {selection.SCORE: SCORE_TAG, selection.LOSS: "selection_loss",
+                   "val/accuracy_best": "val_accuracy", "test/accuracy": "test_accuracy",
+                   "test/accuracy_ci_low": "test_accuracy_ci_low", "test/accuracy_ci_high": "test_accuracy_ci_high",
                    "test/top5_accuracy": "test_top5_accuracy"}
 VERSION_RUN_TAGS = {"backbone": "backbone", "dataset": "dataset", "dataset_version": "data_version",
+                    "validation_split": "validation_split", selection.METRIC_TAG: "selection_metric",
                     "git_commit": "git_commit"}
 
 
@@ -40,15 +42,15 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
     if experiment is None:
         raise UserError(f"no MLflow experiment '{experiment_name}' in {mlflow.get_tracking_uri()}; "
                         "train first (make train) or pass --experiment")
-    where = ["attributes.status = 'FINISHED'", f"metrics.`{SELECT_BY}` >= 0"]
+    where = ["attributes.status = 'FINISHED'", f"metrics.`{selection.SCORE}` >= 0"]
     if sweep_run_id:
         _get_run(client, sweep_run_id)
         where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
     runs = client.search_runs([experiment.experiment_id], " and ".join(where), max_results=1,
-                              order_by=[f"metrics.`{SELECT_BY}` DESC", f"metrics.`{TIE_BREAK}` ASC"])
+                              order_by=selection.ORDER_BY)
     if not runs:
         scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
-        raise UserError(f"no finished run with {SELECT_BY} in {scope}; train first (make train)")
+        raise UserError(f"no finished run with {selection.SCORE} in {scope}; train first (make train)")
     return runs[0]
 
 
@@ -88,8 +90,8 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
             if str(current.version) == str(version.version):
                 return Outcome(version, current, f"{label} (run {run.info.run_id}) is already the {CHAMPION}")
             held = f"the {CHAMPION}, version {current.version}"
-            if VALIDATION_TAG not in current.tags:
-                return Outcome(version, current, f"{label} ({_score(version)}): {held} has no {VALIDATION_TAG} "
+            if SCORE_TAG not in current.tags:
+                return Outcome(version, current, f"{label} ({_score(version)}): {held} has no {SCORE_TAG} "
                                                  "tag to compare with; the alias stays (move it by hand)")
             if _validation(version) != _validation(current):
                 return Outcome(version, current,
@@ -106,8 +108,8 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
 def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str,
                   sweep_run_id: str | None = None, run_id: str | None = None) -> Outcome:
     run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id)
-    if SELECT_BY not in run.data.metrics or run.info.status != "FINISHED":
-        raise UserError(f"run {run.info.run_id} is {run.info.status} without {SELECT_BY}; pick a finished run")
+    if selection.SCORE not in run.data.metrics or run.info.status != "FINISHED":
+        raise UserError(f"run {run.info.run_id} is {run.info.status} without {selection.SCORE}; pick a finished run")
     return register_run(client, run, name)
 
 
@@ -127,21 +129,19 @@ def _version_tags(run: Run) -> dict[str, str]:
     tags = {tag: repr(run.data.metrics[metric]) for metric, tag in VERSION_METRICS.items()
             if metric in run.data.metrics}
     tags |= {tag: run.data.tags[key] for key, tag in VERSION_RUN_TAGS.items() if key in run.data.tags}
-    if "data.splits.validation" in run.data.params:
-        tags["validation_split"] = run.data.params["data.splits.validation"]
     return tags | {"run_id": run.info.run_id, "run_name": run.info.run_name}
 
 
 def _key(version: ModelVersion) -> tuple[float, float]:
-    """Higher is better: val accuracy, then lower val loss."""
-    return float(version.tags[VALIDATION_TAG]), -float(version.tags.get("val_loss", "inf"))
+    """Higher is better: the selection score, then the lower selection loss (src/selection.py)."""
+    return float(version.tags[SCORE_TAG]), -float(version.tags.get("selection_loss", "inf"))
 
 
 def _validation(version: ModelVersion) -> str:
-    """The validation data a version was selected on: dataset, version and split."""
+    """What a version was selected on: the dataset, its version and validation split, and the selection metric."""
     tags = version.tags
-    return "/".join(tags.get(key, "?") for key in ("dataset", "data_version", "validation_split"))
+    return "/".join(tags.get(key, "?") for key in ("dataset", "data_version", "validation_split", "selection_metric"))
 
 
 def _score(version: ModelVersion) -> str:
-    return f"val accuracy {float(version.tags[VALIDATION_TAG]):.4f}"
+    return f"{version.tags.get('selection_metric', 'score')} {float(version.tags[SCORE_TAG]):.4f}"

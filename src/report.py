@@ -1,17 +1,16 @@
-"""Reports: an MLflow experiment's runs -> a table, a per-configuration summary and figures, written to a
-folder (experiments/<name>/results) and logged to a `report` run of the same experiment.
+"""Reports: an MLflow experiment's runs -> tables, per-configuration summaries with intervals, paired comparisons
+with the experiment's baseline, and figures; written to a folder (experiments/<name>/results) and logged to a
+`report` run of the same experiment.
 
-The best run is the first finished run of the table, which is sorted on validation (highest
-val/accuracy_best, ties to the lower val/loss_at_best), as sweeps and the registry choose. Its test confusions
-and mistakes are drawn, never used to choose.
+The best run is the first finished run in the selection order (src/selection.py). Its test confusions and
+mistakes are drawn, never used to choose. The baseline is declared in the experiment's config
+(conf/experiment/<name>.yaml, `report.baseline`): `where` names the params of its runs, `same` the columns that a
+configuration shares with the baseline it is compared with (e.g. its backbones).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -20,170 +19,186 @@ import optuna
 import pandas as pd
 import sqlalchemy
 from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
 
-from src import plots
-from src.config import UserError
-from src.track import SELECT_BY, TIE_BREAK, run_config
+from src import compare, files, plots, search, selection, stats
+from src.config import CONF_DIR, UserError
+from src.selection import LOSS, SCORE, configuration_columns, finished, markdown
+from src.track import run_config
 
 log = logging.getLogger(__name__)
 
-# The configuration columns shown first; any other param that changes results and varies between the runs
-# is shown after them. Runs that share every such param but the seed are one configuration.
-CONFIGURATION = {"params.backbone.name": "backbone", "params.lr": "lr", "params.batch_size": "batch_size",
-                 "params.model.dropout": "dropout", "params.model.label_smoothing": "label_smoothing",
-                 "params.model.augmentation.enabled": "augmentation",
-                 "params.model.normalize_features": "normalize_features"}
-RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SELECT_BY}": SELECT_BY, f"metrics.{TIE_BREAK}": TIE_BREAK,
-           "metrics.val/accuracy_tta": "val/accuracy_tta", "metrics.test/accuracy": "test/accuracy",
-           "metrics.test/accuracy_single_view": "test/accuracy_single_view",
-           "metrics.test/top5_accuracy": "test/top5_accuracy",
-           "metrics.best_epoch": "best_epoch", "metrics.epochs_trained": "epochs_trained",
-           "metrics.time/train_s": "time/train_s", "metrics.model/size_mb": "model/size_mb", "tags.error": "error",
-           "run_id": "run_id"}
-# Params that do not change what a run learns: where things are, how it is served, logged or exported.
-NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "params.tracking.", "params.serve.",
-                     "params.registry.", "params.export.", "params.trainer.verbose", "params.trainer.feature_cache",
-                     "params.backbone.handle", "params.data.data_dir", "params.data.download", "params.data.cache",
-                     "params.backbones")  # the backbone column names every backbone of a run (its tag)
-INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch")
-ACCURACIES = [SELECT_BY, "val/accuracy_tta", "test/accuracy", "test/accuracy_single_view", "test/top5_accuracy"]
+ACCURACIES = [SCORE, "val/accuracy_best", "val/accuracy_tta", "cv/accuracy", "test/accuracy",
+              "test/accuracy_single_view", "test/mean_class_accuracy", "test/top5_accuracy"]
+PROVENANCE = ["git_commit", "dataset_version", "tensorflow", "keras", "mlflow"]
 MISTAKES = 12
 
 
-def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """`mlflow.search_runs` output -> one row per run, best on validation first: run, status, configuration
-    (CONFIGURATION and any other param that varies), seed, then the results (RESULTS)."""
-    if "tags.backbone" in runs:  # `a+b` for a run on several backbones (params.backbone.name is then unused)
-        runs = runs.assign(**{"params.backbone.name": runs["tags.backbone"].fillna(runs["params.backbone.name"])})
-    varying = sorted(c for c in runs if c.startswith("params.") and c not in CONFIGURATION  # sorted: same order
-                     and not c.startswith(NOT_CONFIGURATION) and runs[c].nunique(dropna=False) > 1)  # every report
-    columns = {"tags.mlflow.runName": "run", "status": "status", **CONFIGURATION,
-               **{c: c.removeprefix("params.") for c in varying}, "params.seed": "seed", **RESULTS}
-    table = runs.reindex(columns=list(columns)).rename(columns=columns)
-    for column in ("lr", "dropout", "label_smoothing", *INTEGERS):
-        table[column] = _number(table[column], integer=column in INTEGERS)
-    return table.sort_values([SELECT_BY, TIE_BREAK], ascending=[False, True], na_position="last", ignore_index=True)
-
-
-def _number(values: pd.Series, integer: bool) -> pd.Series:
-    numbers = pd.to_numeric(values, errors="coerce")
-    return numbers.astype("Int64") if integer and (numbers.dropna() % 1 == 0).all() else numbers
-
-
-def configuration_columns(table: pd.DataFrame) -> list[str]:
-    return list(table.columns[table.columns.get_loc("status") + 1: table.columns.get_loc("seed")])
-
-
-def finished(table: pd.DataFrame) -> pd.DataFrame:
-    """The runs that finished with a val accuracy, best first."""
-    return table[(table["status"] == "FINISHED") & table[SELECT_BY].notna()]
-
-
-def markdown(table: pd.DataFrame, configuration: list[str]) -> str:
-    """The table in markdown, without empty columns; configuration values shared by every row are named in a
-    line above it instead of repeated in columns."""
-    table = table.dropna(axis=1, how="all")
-    fixed = [c for c in configuration if c in table and table[c].nunique(dropna=False) == 1 and len(table) > 1]
-    text = f"Same in every row: {', '.join(f'{c} {table[c].iloc[0]}' for c in fixed)}.\n\n" if fixed else ""
-    shown = table.drop(columns=fixed).astype(object)
-    return text + shown.where(shown.notna(), "").to_markdown(index=False, floatfmt=".4g") + "\n"
-
-
 def experiment_runs(client: mlflow.MlflowClient, experiment_name: str) -> pd.DataFrame:
-    """The experiment's training runs (not its sweep or report runs) as a `runs_table`."""
+    """The experiment's training runs (not its sweep, report or evaluation runs), as `mlflow.search_runs` gives them."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
         raise UserError(f"no MLflow experiment '{experiment_name}' in {mlflow.get_tracking_uri()}; run it first "
                         f"(python train.py -m experiment={experiment_name}); experiments there: {known}")
     runs = mlflow.search_runs([experiment.experiment_id])
-    for tag in ("tags.sweep", "tags.report"):
+    for tag in ("tags.sweep", "tags.report", "tags.evaluation"):
         if tag in runs:
             runs = runs[runs[tag] != "true"]
     if runs.empty:
         raise UserError(f"experiment '{experiment_name}' has no training runs yet; "
                         f"run it first (python train.py -m experiment={experiment_name})")
-    return runs_table(runs)
+    return runs
 
 
 def summarize_configurations(table: pd.DataFrame) -> pd.DataFrame:
-    """Finished runs grouped by configuration (everything but the seed): n runs, their distinct seeds, and
-    the mean and std of each accuracy and of the val loss; best first, as runs are ranked, on the means."""
+    """Finished runs grouped by configuration (everything but the seed): n runs, their distinct seeds, the mean and
+    std of each accuracy and of the selection loss, a t-based 95 % interval on each mean when n >= 3, and where
+    the runs come from. Best first, as runs are ranked, on the means."""
     done = finished(table)
     keys = [c for c in configuration_columns(table) if done[c].notna().any()]
-    grouped = done.groupby(keys, dropna=False)
-    summary = grouped[[*ACCURACIES, TIE_BREAK]].agg(["mean", "std"])
+    grouped = done.groupby(keys, dropna=False, sort=False)
+    summary = grouped[[*ACCURACIES, LOSS]].agg(["mean", "std"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    for metric in ACCURACIES:
+        bounds = grouped[metric].agg(lambda v: stats.t_interval(v.dropna())[1:] if v.notna().sum() >= 3 else (np.nan,) * 2)
+        summary[f"{metric}_ci_low"], summary[f"{metric}_ci_high"] = zip(*bounds) if len(bounds) else ((), ())
     summary.insert(0, "seeds", grouped["seed"].nunique())
     summary.insert(0, "n", grouped.size())
-    return summary.reset_index().sort_values([f"{SELECT_BY}_mean", f"{TIE_BREAK}_mean"], ascending=[False, True],
+    for column in PROVENANCE:
+        summary[column] = grouped[column].agg(lambda v: " ".join(sorted(v.dropna().astype(str).unique())))
+    return summary.reset_index().sort_values([f"{SCORE}_mean", f"{LOSS}_mean"], ascending=[False, True],
                                              ignore_index=True)
 
 
 def by_backbone(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per backbone, its configuration with the best mean val accuracy, from `summarize_configurations`."""
+    """Per backbone, its configuration with the best mean score, from `summarize_configurations`."""
     return summary.drop_duplicates("backbone").sort_values("backbone", ignore_index=True)
 
 
+def baseline_declaration(experiment_name: str) -> DictConfig | None:
+    """`report.baseline` of conf/experiment/<name>.yaml, if the experiment has a config that declares one."""
+    path = CONF_DIR / "experiment" / f"{experiment_name}.yaml"
+    return OmegaConf.select(OmegaConf.load(path), "report.baseline") if path.is_file() else None
+
+
+def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -> pd.DataFrame:
+    """Each configuration's finished runs against the baseline's runs that share its `baseline.same` columns, on the
+    same test images: per seed (with the baseline run of the same seed, or its only one) and pooled over seeds;
+    as served, and with one view where the configuration averages several. B is the configuration, A the
+    baseline."""
+    done = finished(table)
+    where = pd.Series(True, index=runs.index)
+    for key, value in baseline.where.items():
+        where &= runs.get(f"params.{key}", pd.Series(index=runs.index, dtype=object)).astype(str) == str(value)
+    is_baseline = done["run_id"].isin(runs.loc[where, "run_id"])
+    if not is_baseline.any():
+        raise UserError(f"no finished run matches the declared baseline {OmegaConf.to_container(baseline.where)}; "
+                        "run it, or fix report.baseline in the experiment's config")
+    keys = [c for c in configuration_columns(table) if done[c].notna().any()]
+    varying = [c for c in keys if done[c].nunique(dropna=False) > 1]
+    predictions = {run_id: compare.load_predictions(run_id) for run_id in done["run_id"]}
+    rows = []
+    for _, group in done[~is_baseline].groupby(keys, dropna=False, sort=False):
+        first = group.iloc[0]
+        base = done[is_baseline]
+        for column in baseline.get("same", []):
+            if column not in done:
+                raise UserError(f"report.baseline.same names {column!r}, which is not a configuration column of "
+                                f"the runs; use some of: {', '.join(keys)}")
+            base = base[base[column].astype(str) == str(first[column])]
+        if base.empty:
+            continue
+        label, base_label = _row_label(first, varying), _row_label(base.iloc[0], varying)
+        one_view = "predicted_single_view" in predictions[first["run_id"]].frame
+        for view in ("as served", "one view") if one_view else ("as served",):
+            rows += _compare_group(group, base, predictions, view == "one view",
+                                   {"configuration": label, "baseline": base_label, "view": view})
+    return pd.DataFrame(rows)
+
+
+def _compare_group(group: pd.DataFrame, base: pd.DataFrame, predictions: dict, one_view: bool,
+                   labels: dict) -> list[dict]:
+    rows = []
+    for _, run in group.iterrows():
+        same_seed = base[base["seed"] == run["seed"]]
+        other = (same_seed if len(same_seed) else base).iloc[0]
+        a, b = predictions[other["run_id"]], predictions[run["run_id"]]
+        compare.check_same_images(a, b)
+        paired = stats.paired_comparison(a.correct(), b.correct(one_view))
+        rows.append({**labels, "seed": str(run["seed"]), "baseline_seed": str(other["seed"]), **paired.as_dict(),
+                     "run_id": run["run_id"], "baseline_run_id": other["run_id"]})
+    if len(group) > 1:
+        a = np.stack([predictions[r].correct() for r in base["run_id"]])
+        b = np.stack([predictions[r].correct(one_view) for r in group["run_id"]])
+        paired = stats.pooled_comparison(a, b)
+        rows.append({**labels, "seed": f"pooled ({len(group)})", "baseline_seed": f"pooled ({len(base)})",
+                     **paired.as_dict()})
+    return rows
+
+
+def _row_label(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(_configuration_label(row, keys).splitlines())
+
+
 def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Path,
-                 optuna_storage: str | None = None) -> list[str]:
+                 optuna_storage: str | None = None, baseline: DictConfig | None = None) -> list[str]:
     """Write the report's files into `out_dir`, replacing what a previous report left there, and log them to a
     new `report` run of the experiment. If a part fails, the folder and the store are left as they were.
-    Returns the file names."""
-    table = experiment_runs(client, experiment_name)
+    `baseline`: the declaration the comparisons follow; by default the experiment config's. Returns the file
+    names."""
+    runs = experiment_runs(client, experiment_name)
+    table = selection.runs_table(runs)
     done = finished(table)
     if done.empty:
-        raise UserError(f"experiment '{experiment_name}' has no finished run with {SELECT_BY}; "
+        raise UserError(f"experiment '{experiment_name}' has no finished run with {SCORE}; "
                         "see runs.csv's status and error columns in the MLflow UI (make ui)")
     best = client.get_run(done.iloc[0]["run_id"])
     summary = summarize_configurations(table)
+    baseline = baseline if baseline is not None else baseline_declaration(experiment_name)
+    compared = comparisons(runs, table, baseline) if baseline is not None else None
+    figures = _figures(client, experiment_name, table, summary, best, optuna_storage)
+    try:
+        with files.replaced(out_dir, folder=True) as staging:
+            configuration = configuration_columns(table)
+            table.to_csv(staging / "runs.csv", index=False)
+            (staging / "runs.md").write_text(markdown(table.drop(columns=["run_id"]), configuration))
+            summary.to_csv(staging / "summary.csv", index=False)
+            (staging / "summary.md").write_text(markdown(_readable(summary), configuration))
+            if compared is not None:
+                compared.to_csv(staging / "comparisons.csv", index=False)
+                (staging / "comparisons.md").write_text(_comparisons_markdown(compared))
+            for name, figure in figures.items():
+                figure.savefig(staging / name, dpi=110, pil_kwargs={"quality": 85} if name.endswith(".jpg") else None)
+            _log_report_run(client, best, len(table), staging)
+            names = sorted(p.name for p in staging.iterdir())
+    finally:
+        for figure in figures.values():
+            plots.plt.close(figure)
+    return names
+
+
+def _figures(client, experiment_name: str, table: pd.DataFrame, summary: pd.DataFrame, best, optuna_storage) -> dict:
+    done = finished(table)
     figures = {"validation_curves.png": plots.validation_curves(
         _val_curves(client, done), _label(done, best.info.run_id), f"{experiment_name}: val accuracy per epoch")}
     if "backbone" in summary:
         figures["accuracy_by_backbone.png"] = plots.accuracy_bars(
             by_backbone(summary), "backbone", f"{experiment_name}: accuracy per backbone (its best configuration)")
     varying = [c for c in configuration_columns(table) if c in summary and summary[c].nunique(dropna=False) > 1]
-    if set(varying) - {"backbone", "lr", "batch_size"} and len(summary) <= 12:  # techniques, not a grid or search
+    if set(varying) - {"backbone", "lr", "batch_size"} and len(summary) <= 14:  # techniques, not a grid or search
         labels = summary.assign(configuration=[_configuration_label(row, varying) for _, row in summary.iterrows()])
         figures["accuracy_by_configuration.png"] = plots.accuracy_bars(
             labels, "configuration", f"{experiment_name}: accuracy per configuration")
     if "lr" in summary and summary["lr"].nunique() > 1:
-        others = [c for c in configuration_columns(table) if c not in ("backbone", "lr", "batch_size")]
+        others = [c for c in configuration_columns(table) if c in summary and c not in ("backbone", "lr", "batch_size")]
         figures["accuracy_vs_lr.png"] = plots.accuracy_vs_lr(
             summary, f"{experiment_name}: accuracy against lr",
             connect=all(summary[c].nunique(dropna=False) <= 1 for c in others))
     study = _study(client, best.info.experiment_id, optuna_storage)
     if study is not None:
-        from src.search import study_figures
-
-        figures |= {f"optuna_{name}": figure for name, figure in study_figures(study).items()}
-    figures |= _best_run_figures(best)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))  # same file system
-    try:
-        staging.chmod(0o755)
-        table.to_csv(staging / "runs.csv", index=False)
-        configuration = configuration_columns(table)
-        (staging / "runs.md").write_text(markdown(table.drop(columns=["run_id"]), configuration))
-        summary.to_csv(staging / "summary.csv", index=False)
-        (staging / "summary.md").write_text(markdown(_readable(summary), configuration))
-        for name, figure in figures.items():
-            figure.savefig(staging / name, dpi=110, pil_kwargs={"quality": 85} if name.endswith(".jpg") else None)
-        _log_report_run(client, best, len(table), staging)
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
-    finally:
-        for figure in figures.values():
-            plots.plt.close(figure)
-    files = sorted(p.name for p in staging.iterdir())
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        shutil.rmtree(old)
-    os.replace(staging, out_dir)
-    return files
+        figures |= {f"optuna_{name}": figure for name, figure in search.study_figures(study).items()}
+    return figures | _best_run_figures(best)
 
 
 def _configuration_label(row: pd.Series, columns: list[str]) -> str:
@@ -202,13 +217,31 @@ def _configuration_label(row: pd.Series, columns: list[str]) -> str:
 
 
 def _readable(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary with each accuracy as "mean ± std" (just the mean for a single run; empty when the runs do
-    not log it, e.g. val/accuracy_tta without TTA)."""
-    readable = summary.drop(columns=[c for c in summary if c.endswith(("_mean", "_std"))])
+    """The summary with each accuracy as "mean ± std [t interval]" (n >= 3), "mean ± std" (n = 2) or the mean (one
+    run); empty when the runs do not log it."""
+    readable = summary.drop(columns=[c for c in summary if c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))])
     for metric in ACCURACIES:
-        readable[metric] = [None if pd.isna(m) else f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
-                            for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
+        readable[metric] = [
+            None if pd.isna(m) else f"{m:.4f}" if n == 1 else f"{m:.4f} ± {s:.4f}" if pd.isna(low)
+            else f"{m:.4f} ± {s:.4f} [{low:.4f}, {high:.4f}]"
+            for m, s, low, high, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"],
+                                          summary[f"{metric}_ci_low"], summary[f"{metric}_ci_high"], summary["n"])]
     return readable.drop(columns=["seeds"]) if (summary["seeds"] == summary["n"]).all() else readable
+
+
+def _comparisons_markdown(compared: pd.DataFrame) -> str:
+    if compared.empty:
+        return "No configuration shares the columns of the declared baseline.\n"
+    shown = compared.drop(columns=["run_id", "baseline_run_id", "test"]).copy()
+    for column in ("accuracy_a", "accuracy_b"):
+        shown[column] = shown[column].map(lambda v: f"{v:.4f}")
+    for column in ("difference", "ci_low", "ci_high"):
+        shown[column] = (100 * shown[column]).map(lambda v: f"{v:+.2f}")
+    shown["p_value"] = shown["p_value"].map(lambda p: f"{p:.2g}")
+    note = ("Differences are B − A in points of test accuracy (B: the configuration, A: the baseline), with a 95 % "
+            "paired-bootstrap interval over the test images. p: McNemar's exact test per seed; a sign-flip "
+            "permutation test of the per-image differences for the pooled rows.\n\n")
+    return note + shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def _log_report_run(client: mlflow.MlflowClient, best, runs: int, folder: Path) -> None:
@@ -234,7 +267,9 @@ def _val_curves(client: mlflow.MlflowClient, runs: pd.DataFrame) -> dict[str, pd
     curves = {}
     for run_id in runs["run_id"]:
         history = client.get_metric_history(run_id, "val/accuracy")
-        curves[_label(runs, run_id)] = pd.Series([m.value for m in history], index=[m.step for m in history]).sort_index()
+        if history:
+            curves[_label(runs, run_id)] = pd.Series([m.value for m in history],
+                                                     index=[m.step for m in history]).sort_index()
     return curves
 
 
@@ -252,14 +287,11 @@ def _study(client: mlflow.MlflowClient, experiment_id: str, storage: str | None)
     if "***" in storage:
         raise UserError(f"the Optuna storage of study '{name}' was logged without its password; {fix}")
     shown = sqlalchemy.engine.make_url(storage).render_as_string()
-    local = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else \
-        storage.removeprefix("journal://") if storage.startswith("journal://") else None
-    if local is not None and not Path(local).is_file():
+    local = search.local_file(storage)
+    if local is not None and not local.is_file():
         raise UserError(f"Optuna study '{name}': {shown} does not exist here; {fix}")
-    from src.search import make_storage
-
     try:
-        return optuna.load_study(study_name=name, storage=make_storage(storage))
+        return optuna.load_study(study_name=name, storage=search.make_storage(storage))
     except (KeyError, ValueError, sqlalchemy.exc.SQLAlchemyError) as error:
         reason = " ".join(str(error).split())[:200]
         raise UserError(f"cannot load Optuna study '{name}' from {shown} ({reason}); {fix}") from None

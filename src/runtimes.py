@@ -9,16 +9,24 @@ TFLite models' class names are in `labels.txt` beside them, one per line, in lab
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import tempfile
 import time
 from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from src import files, plots, register
 from src.config import UserError
-from src.export import CLASSIFY_RESIZED, size_mb
+from src.data import load_splits, make_batches
+from src.export import CLASSIFY_RESIZED, saved_model_of, size_mb
+from src.track import run_config
 
 QUANTIZATIONS = ("float16", "int8")
 
@@ -30,10 +38,6 @@ def convert(saved_model_dir: Path, quantization: str, representative: np.ndarray
         raise UserError(f"quantization {quantization!r} is unknown; use one of: {', '.join(QUANTIZATIONS)}")
     if quantization == "int8" and (representative is None or not len(representative)):
         raise UserError("int8 conversion needs representative train images to calibrate on")
-    loaded = tf.saved_model.load(str(saved_model_dir))
-    if CLASSIFY_RESIZED not in loaded.signatures:
-        raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: an older version of this "
-                        "project exported it; train and register a new model")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[CLASSIFY_RESIZED])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
@@ -125,3 +129,70 @@ def _latency(model, image: np.ndarray, runs: int) -> float:
         model(batch)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
+
+
+def resolve_model(client: mlflow.MlflowClient, model_uri: str | None, name: str) -> tuple[str, str, str]:
+    """(model URI, its run id, a folder name): the champion's registry version when `model_uri` is None."""
+    if model_uri is None:
+        champion = register.require_champion(client, name)
+        return f"models:/{name}/{champion.version}", champion.run_id, f"{name}-v{champion.version}"
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as error:
+        raise UserError(f"cannot find model {model_uri}: {' '.join(str(error).split())[:200]}") from None
+    if not info.run_id:
+        raise UserError(f"model {model_uri} was not logged by a training run; export a model of this project")
+    return model_uri, info.run_id, f"run-{info.run_id}"
+
+
+def input_size(saved_model_dir: Path) -> tuple[int, int]:
+    """The size `classify_resized` takes images at: the model's input size."""
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    if CLASSIFY_RESIZED not in loaded.signatures:
+        raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: an older version of this "
+                        "project exported it; train and register a new model")
+    shape = loaded.signatures[CLASSIFY_RESIZED].structured_input_signature[1]["images"].shape
+    return int(shape[1]), int(shape[2])
+
+
+def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None) -> pd.DataFrame:
+    """Convert to TFLite float16 and int8 (calibrated on train images) and to OpenVINO (when installed), compare
+    each with the SavedModel on test, and write `folder`; log it to the run unless only part of test was compared.
+    The folder is swapped in whole at the end: a failure leaves the previous export and the run as they were."""
+    from tensorflow.lite.python.convert import ConverterError  # not in the public tf.lite API
+
+    run = mlflow.get_run(run_id)
+    if run.data.tags.get("precision", "float32") != "float32":
+        raise UserError(f"run {run_id} trained in {run.data.tags['precision']}; TFLite and OpenVINO export a "
+                        "float32 model: train one with trainer.mixed_precision=false")
+    run_cfg = run_config(run_id)
+    splits = load_splits(run_cfg.data)
+    with tempfile.TemporaryDirectory() as tmp, files.replaced(folder, folder=True) as staging:
+        saved_model = saved_model_of(model_uri, Path(tmp))
+        size = input_size(saved_model)
+        calibration = next(iter(make_batches(splits.train, size, representative, shuffle_seed=run_cfg.seed)))[0].numpy()
+        written, runners = {}, {}
+        try:
+            for quantization in QUANTIZATIONS:
+                written[quantization] = [staging / f"{quantization}.tflite"]
+                written[quantization][0].write_bytes(convert(saved_model, quantization, calibration))
+                runners[quantization] = Classifier(written[quantization][0])
+            if importlib.util.find_spec("openvino"):
+                runners["openvino"], openvino_precision = to_openvino(saved_model, staging)
+                written["openvino"] = [staging / "openvino.xml", staging / "openvino.bin"]
+        except (ConverterError, RuntimeError) as error:
+            raise UserError(f"cannot convert {model_uri}: {' '.join(str(error).split())[:300]}") from None
+        test = make_batches(splits.test.take(test_images) if test_images else splits.test, size, 32)
+        table = compare(saved_model, written, runners, test, next(iter(test))[0].numpy()[0])
+        if "openvino" in runners:
+            table.loc[table["model"] == "openvino", "model"] = f"openvino ({openvino_precision})"
+        (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")
+        table.to_csv(staging / "comparison.csv", index=False)
+        (staging / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+        figure = plots.model_comparison(table, f"{model_uri}: SavedModel against TFLite and OpenVINO on "
+                                               f"{int(table.images[0])} test images (this CPU)")
+        figure.savefig(staging / "comparison.png", dpi=110)
+        plots.plt.close(figure)
+        if test_images is None:  # a comparison on part of test would replace the full one in the run
+            mlflow.MlflowClient().log_artifacts(run_id, str(staging), "tflite")
+    return table

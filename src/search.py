@@ -20,22 +20,29 @@ import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import UserError
-from src.track import retry_on_race
+from src.track import SWEEP_RUN_ENV, retry_on_race
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
+
+
+def local_file(url: str) -> Path | None:
+    """The file behind a `sqlite:///` or `journal:///` storage URL; None for a database server's."""
+    for prefix in ("sqlite:///", "journal://"):
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix))
+    return None
 
 
 def make_storage(url: str | None):
     """`journal:///path/file.log` -> Optuna's journal file storage; any other URL -> SQLAlchemy (RDB) storage."""
     if url is None:
         return None
-    if url.startswith("journal://"):
-        path = Path(url.removeprefix("journal://"))
+    path = local_file(url)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("journal://"):
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(url)
 
 
@@ -181,7 +188,6 @@ def log_study(study: optuna.Study, storage: str | None) -> None:
     """The study's best trial and Optuna's own plots, on the sweep's MLflow run; `make report` finds the
     study again through the run's optuna.study and optuna.storage tags."""
     from src import plots  # matplotlib with the Agg backend
-    from src.sweep import SWEEP_RUN_ENV
 
     run_id = os.environ.get(SWEEP_RUN_ENV)
     if run_id is None:

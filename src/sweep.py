@@ -2,7 +2,7 @@
 
 A Hydra callback opens the parent run when the multirun starts and hands its id to the jobs through the
 environment (jobs may run in other processes, e.g. with the joblib launcher). When the multirun ends it
-writes the summary: a table of every job (CSV and markdown) and the best job by `val/accuracy_best`.
+writes the summary: a table of every job (CSV and markdown) and the best job, chosen by src/selection.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from src import register, report, track
+from src import register, selection, track
 from src.config import UserError
-from src.track import SELECT_BY
+from src.track import SWEEP_RUN_ENV
 
 log = logging.getLogger(__name__)
-
-SWEEP_RUN_ENV = "FLOWERS_SWEEP_RUN_ID"
 
 
 class MlflowSweepCallback(Callback):
@@ -63,7 +61,7 @@ def end_sweep(status: str) -> None:
 
 def job_table(parent_run_id: str) -> pd.DataFrame:
     """One row per child run of the sweep, best first."""
-    return report.runs_table(mlflow.search_runs(search_all_experiments=True,
+    return selection.runs_table(mlflow.search_runs(search_all_experiments=True,
                                                 filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"))
 
 
@@ -73,17 +71,18 @@ def summarize(parent_run_id: str) -> pd.DataFrame:
     table = job_table(parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "summary.csv", index=False)
-        (Path(tmp) / "summary.md").write_text(report.markdown(table.drop(columns=["run_id"]),
-                                                                    report.configuration_columns(table)))
+        (Path(tmp) / "summary.md").write_text(selection.markdown(table.drop(columns=["run_id"]),
+                                                                       selection.configuration_columns(table)))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.csv"))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.md"))
-    finished = report.finished(table)
+    finished = selection.finished(table)
     client.log_metric(parent_run_id, "jobs", len(table))
     client.log_metric(parent_run_id, "jobs_failed", int((table["status"] == "FAILED").sum()))
     if len(finished):
         best = finished.iloc[0]
         client.set_tag(parent_run_id, "best_run_id", best["run_id"])
         client.set_tag(parent_run_id, "best_run_name", best["run"])
-        for metric in (SELECT_BY, "test/accuracy", "test/top5_accuracy"):
+        client.set_tag(parent_run_id, selection.METRIC_TAG, best["selection_metric"])
+        for metric in (selection.SCORE, "test/accuracy", "test/top5_accuracy"):
             client.log_metric(parent_run_id, f"best/{metric}", float(best[metric]))
     return table

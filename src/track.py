@@ -1,8 +1,9 @@
-"""Tracking: the MLflow store and experiment, run names, tags, and per-epoch metrics."""
+"""Tracking: the MLflow store and experiment, a job's run, its tags, and per-epoch metrics."""
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import platform
 import subprocess
 import time
@@ -13,20 +14,25 @@ from urllib.parse import urlparse
 
 import keras
 import mlflow
+import optuna
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from src.config import PROJECT_ROOT, UserError, backbone_label
+from src.config import PROJECT_ROOT, UserError, flatten
+from src.data import Splits
+from src.spec import Job
+
+log = logging.getLogger(__name__)
+
+# A sweep's parent run id, handed to its jobs (which may run in other processes) through the environment.
+SWEEP_RUN_ENV = "FLOWERS_SWEEP_RUN_ID"
 
 # Keras history keys -> the metric names shared by tracking, sweeps, registry and reports.
 EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy",
                  "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
-# Model selection, for sweeps and the registry: the best val accuracy; ties go to the lower val loss.
-SELECT_BY = "val/accuracy_best"
-TIE_BREAK = "val/loss_at_best"
 
 
 def retry_on_race(create, attempts: int = 3):
@@ -82,27 +88,28 @@ def _experiment_id(cfg: DictConfig) -> str:
     return mlflow.set_experiment(experiment_id=experiment_id).experiment_id
 
 
+@contextmanager
+def job_run(name: str, cfg: DictConfig, parent_run_id: str | None):
+    """The job's MLflow run, with every config value as a param and the config as config.yaml. A run that raises
+    says why it ended: FAILED, or KILLED when stopped on purpose (Ctrl-C, an Optuna prune)."""
+    with mlflow.start_run(run_name=name, parent_run_id=parent_run_id) as run:
+        log.info("MLflow run %s (%s) in %s", name, run.info.run_id, mlflow.get_tracking_uri())
+        try:
+            mlflow.log_params(flatten(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            yield run
+        except BaseException as error:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.end_run("KILLED" if isinstance(error, (KeyboardInterrupt, optuna.TrialPruned)) else "FAILED")
+            raise
+
+
 def run_config(run_id: str) -> DictConfig:
     """The resolved config a training run logged as config.yaml."""
     try:
         return OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
     except MlflowException:
         raise UserError(f"run {run_id} has no config.yaml; use a run trained by this project") from None
-
-
-def run_name(cfg: DictConfig) -> str:
-    """e.g. `mobilenet_v2_100_224-lr0.03-bs64-seed1`, `...-finetune-tta_flip-views_flip-refit-...` with techniques."""
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    try:
-        backbones = backbone_label(cfg)
-    except UserError:  # named anyway, so that a sweep job fails inside its run and shows as FAILED
-        backbones = "invalid_backbones"
-    techniques = [name for name, on in (("finetune", cfg.finetune.enabled),
-                                        (f"tta_{cfg.model.tta}", cfg.model.tta != "none"),
-                                        (f"views_{cfg.model.train_views}", cfg.model.train_views != "none"),
-                                        ("refit", cfg.trainer.refit)) if on]
-    return "-".join([backbones, *techniques, f"lr{cfg.lr:g}", f"bs{cfg.batch_size}", f"seed{cfg.seed}"])
 
 
 def git_commit() -> str:
@@ -140,18 +147,23 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def run_tags(cfg: DictConfig, dataset: str, dataset_version: str,
-             strategy: tf.distribute.Strategy | None = None) -> dict[str, str]:
-    """`strategy`: the job's; the default one if None. `precision` is the Keras dtype policy in effect."""
-    strategy = strategy or tf.distribute.get_strategy()
+def versions() -> dict[str, str]:
+    """Where a result comes from: the commit and the versions of the libraries that computed it."""
+    return {"git_commit": git_commit(), "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
+            "mlflow_version": mlflow.__version__}
+
+
+def run_tags(job: Job, splits: Splits, strategy: tf.distribute.Strategy) -> dict[str, str]:
+    """`precision` is the Keras dtype policy in effect."""
     return {
-        "git_commit": git_commit(),
-        "backbone": backbone_label(cfg),
-        "dataset": dataset,
-        "dataset_version": dataset_version,
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "strategy": cfg.trainer.strategy,
+        **versions(),
+        "backbone": job.backbone_label,
+        "dataset": splits.name,
+        "dataset_version": splits.version,
+        "test_split": splits.specs["test"],
+        "validation_split": splits.specs["validation"],
+        "feature_cache": str(job.uses_feature_cache).lower(),
+        "strategy": job.strategy,
         "replicas": str(strategy.num_replicas_in_sync),
         "precision": keras.config.dtype_policy().name,
         **device_tags(strategy),

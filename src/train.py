@@ -4,15 +4,14 @@ fit with early stopping on val accuracy."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import tensorflow as tf
-from omegaconf import DictConfig, OmegaConf
 
 from src.config import UserError
-
-STRATEGIES = ("default", "mirrored")
+from src.spec import Optimizer
 
 
 def configure_cpu_devices(count: int | None) -> None:
@@ -20,8 +19,6 @@ def configure_cpu_devices(count: int | None) -> None:
     allows this only before it initialises its devices, i.e. once per process."""
     if count is None:
         return
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise UserError(f"trainer.cpu_devices={count!r} is invalid: expected null or a positive integer, e.g. 2")
     [cpu] = tf.config.list_physical_devices("CPU")
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
@@ -32,12 +29,10 @@ def configure_cpu_devices(count: int | None) -> None:
                             "set it for the first job of the process, or run jobs in separate processes") from None
 
 
-def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
+def make_strategy(name: str) -> tf.distribute.Strategy:
     """`default`: one device. `mirrored`: data parallel over every GPU, or over the logical CPU devices on a
     machine without GPUs (trainer.cpu_devices)."""
-    if cfg.strategy not in STRATEGIES:
-        raise UserError(f"trainer.strategy={cfg.strategy!r} is unknown; use one of: {', '.join(STRATEGIES)}")
-    if cfg.strategy == "default":
+    if name == "default":
         return tf.distribute.get_strategy()
     if tf.config.list_logical_devices("GPU"):
         return tf.distribute.MirroredStrategy()
@@ -65,21 +60,12 @@ def precision(mixed: bool):
         keras.config.set_dtype_policy(previous)
 
 
-def make_loss(cfg: DictConfig) -> keras.losses.Loss:
-    return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.model.label_smoothing)
+def make_loss(label_smoothing: float) -> keras.losses.Loss:
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
-def make_optimizer(cfg: DictConfig) -> keras.optimizers.Optimizer:
-    options = OmegaConf.to_container(cfg.trainer.optimizer)
-    name = options.pop("name")
-    try:
-        return keras.optimizers.get({"class_name": name, "config": {"learning_rate": cfg.lr, **options}})
-    except (ValueError, TypeError) as error:
-        raise UserError(f"trainer.optimizer={name!r} with {options} is not a Keras optimizer: {error}") from None
-
-
-def compile_model(model: keras.Model, cfg: DictConfig) -> None:
-    model.compile(optimizer=make_optimizer(cfg), loss=make_loss(cfg),
+def compile_model(model: keras.Model, optimizer: Optimizer, lr: float, label_smoothing: float) -> None:
+    model.compile(optimizer=optimizer.make(lr), loss=make_loss(label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 
@@ -94,18 +80,27 @@ def one_hot(batches: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
     return batches.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset | None, num_classes: int,
-        cfg: DictConfig, callbacks=(), *, epochs: int | None = None, initial_epoch: int = 0,
-        patience: int | None = None) -> keras.callbacks.History:
-    """Fit on train up to epoch `epochs` (default cfg.epochs). With validation, stop early on val accuracy after
-    `patience` epochs without progress (default trainer.early_stopping.patience) and restore the best epoch's
-    weights; without (a refit), train every epoch."""
+@dataclass(frozen=True)
+class Schedule:
+    """Train from epoch `initial_epoch` up to epoch `epochs`; with `patience`, stop after that many epochs without
+    progress in val accuracy and restore the best epoch's weights."""
+    epochs: int
+    patience: int | None = None
+    initial_epoch: int = 0
+
+
+def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset | None, schedule: Schedule,
+        callbacks=(), verbose: int = 1) -> keras.callbacks.History:
+    """Fit on train batches of (inputs, int labels). With validation, record val loss and accuracy per epoch and
+    stop early if the schedule has a patience; without patience (a refit, or cross-validation's fixed budget),
+    train every epoch."""
+    num_classes = model.output_shape[-1]
     callbacks = list(callbacks)
     if validation is not None:
-        callbacks.insert(0, keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", restore_best_weights=True, verbose=1,
-            patience=cfg.trainer.early_stopping.patience if patience is None else patience))
+        if schedule.patience is not None:
+            callbacks.insert(0, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", verbose=1,
+                                                              patience=schedule.patience, restore_best_weights=True))
         validation = one_hot(validation, num_classes)
-    return model.fit(one_hot(train, num_classes), validation_data=validation, epochs=epochs or cfg.epochs,
-                     initial_epoch=initial_epoch, callbacks=callbacks, verbose=cfg.trainer.verbose,
+    return model.fit(one_hot(train, num_classes), validation_data=validation, epochs=schedule.epochs,
+                     initial_epoch=schedule.initial_epoch, callbacks=callbacks, verbose=verbose,
                      shuffle=False)  # the tf.data pipeline shuffles

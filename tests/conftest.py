@@ -7,7 +7,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from src import register
 from src.config import PROJECT_ROOT, load_config
+from src.export import log_pyfunc_model
+from src.selection import LOSS, SCORE
+from tests.helpers import CLASSES, JPEG, export_tiny
 from tests.tiny_backbone import save_tiny_backbone
 
 SHARED = PROJECT_ROOT.parent / "shared"
@@ -40,6 +44,22 @@ def synthetic_cfg(tiny_backbone, tracking_uri, tmp_path):
         "data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}", "backbone.name=tiny",
         "epochs=1", "trainer.verbose=0", f"tracking.artifact_location={tmp_path}/artifacts",
         f"paths.cache_dir={tmp_path}/cache")
+
+
+@pytest.fixture(scope="module")
+def champion_store(tiny_backbone, tmp_path_factory):
+    """A store with one registered champion (an untrained tiny model on 4 classes): (its URI, its SavedModel)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    _, saved = export_tiny(tiny_backbone, CLASSES, tmp / "flowers" / "1", top_k=3)
+    mlflow.set_experiment("flowers102")
+    with mlflow.start_run():
+        mlflow.log_metrics({SCORE: 0.5, LOSS: 1.0})
+        log_pyfunc_model(saved, [JPEG])
+    register.register_best(mlflow.MlflowClient(), "flowers102", "flowers")
+    yield uri, saved
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")

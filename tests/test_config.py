@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from src.config import CONF_DIR, PROJECT_ROOT, UserError, check_group_choices, flatten, validate
+from src.config import CONF_DIR, PROJECT_ROOT, UserError, check_group_choices, flatten
+from src.spec import Job
 from tests.conftest import compose_config
 
 BACKBONES = sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
@@ -13,7 +14,7 @@ OFFLINE = ["efficientnet_lite0_224", "efficientnet_lite2_260", "mobilenet_v1_100
 def test_main_knobs_are_top_level_and_default_config_validates(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_config("lr=3e-4", "batch_size=64", "epochs=5", "seed=7")
-    validate(cfg)
+    Job.from_config(cfg)
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.seed) == (3e-4, 64, 5, 7)
     assert cfg.backbone.name == "tfhub_inception_v3_inaturalist"
     assert cfg.tracking.uri == f"sqlite:///{PROJECT_ROOT}/mlflow.db"
@@ -23,7 +24,7 @@ def test_main_knobs_are_top_level_and_default_config_validates(monkeypatch):
 @pytest.mark.parametrize("name", BACKBONES)
 def test_every_backbone_config_composes(name):
     cfg = compose_config(f"backbone={name}")
-    validate(cfg)
+    Job.from_config(cfg)
     assert cfg.backbone.name == name
     assert cfg.backbone.trainable is False
     if name.startswith("tfhub_"):
@@ -65,10 +66,17 @@ def test_tfds_data_dir_defaults_to_tfds_own_default(monkeypatch):
     ("model.label_smoothing=-0.1", "model.label_smoothing=-0.1 is invalid"),
     ("export.top_k=0", "export.top_k=0 is invalid"),
     ("backbone.input_size=[224]", "backbone.input_size=[224] is invalid"),
+    ("trainer.optimizer.name=adamw2", "trainer.optimizer='adamw2' with {} is not a Keras optimizer: no such class"),
+    ("+trainer.optimizer.momentum=0.9", "trainer.optimizer='adam' with {'momentum': 0.9} is not a Keras optimizer"),
+    ("trainer.cv_folds=1", "trainer.cv_folds=1 is invalid: expected null or an integer of at least 2"),
+    ("trainer.refit_budget=images", "trainer.refit_budget='images' is unknown; use one of: epochs, steps"),
+    ("model.head=svm", "model.head='svm' is unknown; use one of: dense, logistic_regression"),
+    ("model.tta=flips", "model.tta='flips' is unknown; use one of: none, flip, crops"),
+    ("trainer.strategy=tpu", "trainer.strategy='tpu' is unknown; use one of: default, mirrored"),
 ])
 def test_invalid_values_get_one_line_errors(override, message):
     with pytest.raises(UserError) as error:
-        validate(compose_config(override))
+        Job.from_config(compose_config(override))
     assert str(error.value).startswith(message)
     assert "\n" not in str(error.value)
 

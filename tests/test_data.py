@@ -1,4 +1,3 @@
-import io
 
 import numpy as np
 import pytest
@@ -9,12 +8,7 @@ from PIL import Image
 from src.config import UserError
 from src.data import decode_and_resize, load_splits, make_batches
 from tests.conftest import compose_config
-
-
-def encode(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format=fmt)
-    return buffer.getvalue()
+from tests.helpers import encode, make_image_folder
 
 
 def test_synthetic_splits_have_the_configured_classes_and_sizes():
@@ -57,17 +51,6 @@ def test_transparent_pixels_are_put_on_white_as_a_viewer_shows_them():
         pixels = decode_and_resize(tf.constant(encode(np.asarray(image), "PNG", mode)), (20, 30)).numpy()
         assert (pixels[:, :8] == 0).all() and (pixels[:, 22:] == 255).all()
         assert (np.abs(pixels[:, 12:18].astype(int) - 127) <= 1).all()
-
-
-def make_image_folder(root, classes=("daisy", "rose"), per_class=3):
-    for split in ("train", "validation", "test"):
-        for i, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for j in range(per_class):
-                pixels = np.full((20 + j, 30, 3), 60 + 120 * i, np.uint8)
-                fmt = "PNG" if j % 2 else "JPEG"
-                (root / split / name / f"{j}.{fmt.lower()}").write_bytes(encode(pixels, fmt))
-    return root
 
 
 def image_folder_cfg(root):

@@ -7,7 +7,7 @@ import pytest
 
 from src.data import load_splits
 from tests.conftest import compose_config
-from tests.test_train_cli import runs, train
+from tests.helpers import logged_runs as runs, train_cli as train
 
 SLICES = {"train": "train[:50%]", "validation": "validation[:30%]", "test": "test[:300]"}
 

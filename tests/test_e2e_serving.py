@@ -12,7 +12,7 @@ import pytest
 from src.config import PROJECT_ROOT
 from src.data import load_splits
 from tests.conftest import compose_config
-from tests.test_serve import free_port, running
+from tests.helpers import free_port, running
 
 SLICES = {"train": "train[:50%]", "validation": "validation[:30%]", "test": "test[:200]"}
 PHOTOS = 30
@@ -42,7 +42,7 @@ def test_sweep_register_serve_and_predict_real_photos(offline_data_dir, offline_
     [other] = set(jobs.run_id) - {best}
 
     registered = run(env, "scripts/register_best.py", "--sweep", parent.run_id)
-    assert "flowers version 1 (val accuracy" in registered.stdout and "is now the champion" in registered.stdout
+    assert "flowers version 1 (val/accuracy_best 0." in registered.stdout and "is now the champion" in registered.stdout
     worse = run(env, "scripts/register_best.py", "--run-id", other)
     assert "does not beat the champion, version 1" in worse.stdout
     champion = mlflow.MlflowClient().get_model_version_by_alias("flowers", "champion")

@@ -35,10 +35,15 @@ def test_metrics_per_class_accuracy_and_confusion_matrix():
     assert result.confusion[:, 0].tolist() == [4, 1, 1, 1, 1, 2] and result.confusion.sum() == 10
     assert result.per_class["accuracy"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert result.per_class["images"].tolist() == [4, 1, 1, 1, 1, 2]
+    assert result.metrics["test/mean_class_accuracy"] == pytest.approx(1 / 6)  # class a right, the five others not
+    assert result.metrics["test/accuracy_ci_low"] <= 0.4 <= result.metrics["test/accuracy_ci_high"]
 
 
 def test_a_class_without_test_images_has_no_accuracy_rather_than_zero():
     result = evaluation(*predict_batches(constant_model(np.array([0.6, 0.3, 0.1])), batches([0, 1])), list("abc"),
                       keras.losses.CategoricalCrossentropy())
-    assert set(result.metrics) == {"test/accuracy", "test/top5_accuracy", "test/loss"}
+    assert set(result.metrics) == {"test/accuracy", "test/accuracy_ci_low", "test/accuracy_ci_high",
+                                   "test/mean_class_accuracy", "test/mean_class_accuracy_ci_low",
+                                   "test/mean_class_accuracy_ci_high", "test/top5_accuracy", "test/loss"}
+    assert result.metrics["test/mean_class_accuracy"] == 0.5  # a right, b wrong; c has no image and is left out
     assert np.isnan(result.per_class["accuracy"][2])

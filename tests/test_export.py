@@ -9,12 +9,9 @@ from mlflow.exceptions import MlflowException
 import tensorflow as tf
 from PIL import Image
 
-from src.backbone import HubFeatureVector
 from src.data import decode_and_resize
-from src.export import export_saved_model
-from src.model import build_model
 from src.pyfunc_model import FlowerClassifier
-from tests.conftest import compose_config
+from tests.helpers import export_tiny
 
 CLASSES = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
 
@@ -27,9 +24,7 @@ def encode(array, fmt):
 
 @pytest.fixture(scope="module")
 def exported(tiny_backbone, tmp_path_factory):
-    model = build_model(HubFeatureVector(tiny_backbone), (32, 32), len(CLASSES), compose_config().model, seed=0)
-    path = export_saved_model(model, CLASSES, (32, 32), 5, tmp_path_factory.mktemp("export") / "flowers" / "1")
-    return model, path
+    return export_tiny(tiny_backbone, CLASSES, tmp_path_factory.mktemp("export") / "flowers" / "1")
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +67,17 @@ def test_tf_serving_rest_json_with_b64_instances(exported, images):
 
 
 def test_top_k_is_capped_at_the_number_of_classes(tiny_backbone, tmp_path):
-    model = build_model(HubFeatureVector(tiny_backbone), (32, 32), 3, compose_config().model, seed=0)
-    path = export_saved_model(model, CLASSES[:3], (32, 32), 5, tmp_path / "m" / "1")
+    _, path = export_tiny(tiny_backbone, CLASSES[:3], tmp_path / "m" / "1")
     out = tf.saved_model.load(str(path)).signatures["serving_default"](
         image_bytes=tf.constant([encode(np.zeros((9, 9, 3), np.uint8), "PNG")]))
     assert sorted(out["labels"].numpy()[0].tolist()) == [0, 1, 2]
+
+
+def test_the_model_names_its_classes_in_label_order(exported):
+    _, path = exported
+    names = tf.saved_model.load(str(path)).signatures["class_names"]()["class_names"].numpy()
+    assert [n.decode() for n in names] == CLASSES
+    assert FlowerClassifier.from_saved_model(str(path)).class_names == CLASSES
 
 
 def test_pyfunc_predicts_one_row_per_image_with_top_k(exported, images):

@@ -3,62 +3,122 @@ import shutil
 import mlflow
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from src import features
 from src.backbone import HubFeatureVector
-from src.model import build_feature_extractor
+from src.data import load_splits, make_batches
+from src.model import Network
 from src.pipeline import run_job
+from src.spec import Job
 from tests.conftest import compose_config
-
-KEY_ARGS = dict(input_size=(224, 224), dataset="oxford_flowers102", version="2.1.1", split="train")
+from tests.tiny_backbone import save_tiny_backbone
 
 
 def test_the_cache_applies_only_to_a_frozen_backbone_without_augmentation():
-    assert features.applies(compose_config("model.augmentation.enabled=false"))
-    assert not features.applies(compose_config())
-    assert not features.applies(compose_config("model.augmentation.enabled=false", "backbone.trainable=true"))
-    assert not features.applies(compose_config("model.augmentation.enabled=false", "trainer.feature_cache=false"))
+    def uses(*overrides):
+        return Job.from_config(compose_config("backbone=mobilenet_v2_100_224", *overrides)).uses_feature_cache
+    assert uses("model.augmentation.enabled=false")
+    assert not uses()
+    assert not uses("model.augmentation.enabled=false", "backbone.trainable=true")
+    assert not uses("model.augmentation.enabled=false", "trainer.feature_cache=false")
 
 
-def key(path, **changes):
-    return features.cache_key(str(path), features.files_digest(str(path)), **{**KEY_ARGS, **changes})
+@pytest.fixture
+def splits():
+    return load_splits(compose_config("data=synthetic").data)
 
 
-def test_the_key_changes_with_everything_that_changes_the_features(tiny_backbone, tmp_path, monkeypatch):
-    original = key(tiny_backbone)
-    assert key(tiny_backbone) == original
-    for change in [dict(input_size=(260, 260)), dict(dataset="image_folder:mine"), dict(version="2.1.2"),
-                   dict(split="train[:50%]")]:
-        assert key(tiny_backbone, **change) != original, change
+def cache_files(tmp_path):
+    return sorted((tmp_path / "features").glob("*.npz"))
+
+
+def test_features_are_computed_once_then_read_back(tiny_backbone, splits, tmp_path):
+    network = Network([HubFeatureVector(tiny_backbone, name="tiny")], (32, 32))
+    computed = features.load(network, splits, {"train": ("identity",), "test": ("identity", "flip")}, 16, tmp_path)
+    x, labels = computed.get("train")
+    assert x.shape == (160, 16) and computed.widths == (16,) and np.bincount(labels).tolist() == [40] * 4
+    images, _ = next(iter(make_batches(splits.train, (32, 32), 160)))
+    np.testing.assert_allclose(x, network.extractor().predict(images, verbose=0)["tiny"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(computed.get("test", "flip")[0], computed.get("test")[0])
+    files = cache_files(tmp_path)
+    assert len(files) == 3 and not list((tmp_path / "features").glob("*partial*"))  # no partial file left behind
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    again = features.load(network, splits, {"train": ("identity",), "test": ("identity", "flip")}, 16, tmp_path)
+    np.testing.assert_array_equal(again.get("train")[0], x)
+    assert [p.stat().st_mtime_ns for p in cache_files(tmp_path)] == mtimes  # read, not rewritten
+
+
+def test_the_key_changes_with_everything_that_changes_the_features(tiny_backbone, splits, tmp_path):
+    def files_for(backbones, input_size, cache, data=splits, view="identity"):
+        features.load(Network(backbones, input_size), data, {"test": (view,)}, 16, cache)
+        return {p.name for p in cache_files(cache)}
+
+    tiny = HubFeatureVector(tiny_backbone, name="tiny")
+    original = files_for([tiny], (32, 32), tmp_path)
+    assert files_for([tiny], (32, 32), tmp_path) == original
+    assert files_for([tiny], (40, 40), tmp_path / "size") != original  # another input size
+    assert files_for([tiny], (32, 32), tmp_path / "view", view="flip") != original
+    other_split = load_splits(compose_config("data=synthetic", "data.images_per_class.test=10").data)
+    assert files_for([tiny], (32, 32), tmp_path / "version", data=other_split) != original
+    # decoded at 48, resized by the network to the backbone's own 32: other pixels, another key
+    own_size = HubFeatureVector(tiny_backbone, name="tiny", input_size=(32, 32))
+    assert files_for([own_size], (48, 48), tmp_path / "decoded") != original
 
     copy = shutil.copytree(tiny_backbone, tmp_path / "copy")
-    assert key(copy) != original  # another handle
-    moved = key(copy)
-    weights = copy / "variables" / "variables.data-00000-of-00001"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    assert key(copy) != moved  # same handle, other weights
-
-    monkeypatch.setattr(features, "PREPROCESSING", features.PREPROCESSING + "+center_crop")
-    assert key(tiny_backbone) != original
-    monkeypatch.setattr(features.tf, "__version__", "9.9.9")
-    assert key(tiny_backbone) != original
+    moved = files_for([HubFeatureVector(str(copy), name="tiny")], (32, 32), tmp_path / "copy_cache")
+    assert moved != original  # another handle
+    shutil.rmtree(copy)
+    save_tiny_backbone(str(copy), seed=1)
+    changed = files_for([HubFeatureVector(str(copy), name="tiny")], (32, 32), tmp_path / "changed_cache")
+    assert changed != moved  # same handle, other weights
 
 
-def test_features_are_computed_once_then_read_back(tiny_backbone, tmp_path):
-    extractor = build_feature_extractor(HubFeatureVector(tiny_backbone), (32, 32))
-    images = np.random.default_rng(0).integers(0, 256, (10, 40, 40, 3), dtype=np.uint8)
-    batches = tf.data.Dataset.from_tensor_slices((images, np.arange(10))).batch(4)
-    path = tmp_path / "features" / "key.npz"
-    computed, labels = features.load_or_extract(extractor, batches, path)
-    assert computed.shape == (10, 16) and labels.tolist() == list(range(10))
-    np.testing.assert_allclose(computed, extractor.predict(images, verbose=0), rtol=1e-5)
-    assert [p.name for p in path.parent.iterdir()] == ["key.npz"]  # no partial file left behind
-    cached, cached_labels = features.load_or_extract(None, None, path)  # read: neither is touched
-    np.testing.assert_array_equal(cached, computed)
-    np.testing.assert_array_equal(cached_labels, labels)
+def test_the_key_follows_the_networks_preprocessing_not_a_hand_written_version(tiny_backbone, splits, tmp_path,
+                                                                              monkeypatch):
+    network = Network([HubFeatureVector(tiny_backbone, name="tiny")], (32, 32))
+    features.load(network, splits, {"test": ("identity",)}, 16, tmp_path)
+    before = {p.name for p in cache_files(tmp_path)}
+    original = network.preprocessing
+
+    def without_antialias(backbone):
+        resize, scale = original(backbone)
+        resize.antialias = False
+        return [resize, scale]
+    monkeypatch.setattr(network, "preprocessing", without_antialias)
+    features.load(network, splits, {"test": ("identity",)}, 16, tmp_path)
+    assert {p.name for p in cache_files(tmp_path)} - before  # new features, not the stale ones
+
+
+def test_folds_are_stratified_disjoint_and_cover_train_and_validation():
+    labels = np.repeat(np.arange(6), [10, 10, 12, 15, 20, 25])
+    folds = features.fold_indices(labels, 5, seed=3)
+    held_out = np.concatenate([h for _, h in folds])
+    assert sorted(held_out.tolist()) == list(range(len(labels)))  # every image held out once: no image in two folds
+    for fit, out in folds:
+        assert not set(fit) & set(out) and len(fit) + len(out) == len(labels)
+        # each class is split evenly: a fold holds a fifth of it, give or take one image
+        np.testing.assert_allclose(np.bincount(labels[out], minlength=6), np.bincount(labels) / 5, atol=1)
+    again = features.fold_indices(labels, 5, seed=3)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))  # seeded
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, features.fold_indices(labels, 5, seed=4)))
+    with pytest.raises(ValueError, match="trainer.cv_folds=11 needs at least 11 images of every class"):
+        features.fold_indices(labels, 11, seed=0)
+
+
+def test_a_fold_fits_on_the_other_folds_in_every_view_and_holds_out_its_own_images():
+    rng = np.random.default_rng(0)
+    labels = {"train": np.repeat(np.arange(3), 4), "validation": np.repeat(np.arange(3), 2)}
+    arrays = {(split, v): rng.normal(size=(len(labels[split]), 2)) for split in labels for v in ("identity", "flip")}
+    cached = features.Features(arrays, labels, (2,))
+    folds = cached.folds(3, seed=0, views=("identity", "flip"))
+    pooled = np.concatenate([arrays["train", "identity"], arrays["validation", "identity"]])
+    for fold in folds:
+        held_out, _ = fold.get("validation")
+        fit, fit_labels = fold.stack(("train",), ("identity", "flip"))
+        assert len(held_out) == 6 and len(fit) == 2 * 12
+        assert not {tuple(r) for r in held_out} & {tuple(r) for r in fit}
+        assert {tuple(r) for r in held_out} <= {tuple(r) for r in pooled}
+        assert np.bincount(fold.labels["validation"]).tolist() == [2, 2, 2]
 
 
 def test_a_head_trained_on_cached_features_matches_end_to_end_training(synthetic_cfg, tmp_path):
@@ -71,14 +131,6 @@ def test_a_head_trained_on_cached_features_matches_end_to_end_training(synthetic
     assert results[True]["val/accuracy_best"] == pytest.approx(results[False]["val/accuracy_best"], abs=0.005)
     assert results[True]["test/accuracy"] == pytest.approx(results[False]["test/accuracy"], abs=0.02)
     assert results[True]["val/accuracy_best"] > 0.5  # learned something: chance is 0.25
-
-    cache_files = sorted((tmp_path / "cache" / "features").iterdir())
-    assert len(cache_files) == 3  # train, validation, test
-    mtimes = [p.stat().st_mtime_ns for p in cache_files]
-    cfg = synthetic_cfg.copy()
-    cfg.merge_with({**overrides, "lr": 0.01})  # another job, same features: reused, not rewritten
-    run_job(cfg, tmp_path / "again")
-    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache" / "features").iterdir())] == mtimes
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert sorted(r.data.tags["feature_cache"] for r in runs) == ["false", "true", "true"]
+    assert sorted(r.data.tags["feature_cache"] for r in runs) == ["false", "true"]
     assert all(("time/features_s" in r.data.metrics) == (r.data.tags["feature_cache"] == "true") for r in runs)

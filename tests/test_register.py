@@ -8,19 +8,17 @@ import pytest
 from PIL import Image
 
 from src import register
-from src.backbone import HubFeatureVector
 from src.config import PROJECT_ROOT, UserError
-from src.export import export_saved_model, log_pyfunc_model
-from src.model import build_model
-from tests.conftest import compose_config
+from src.export import log_pyfunc_model
+from src.selection import LOSS, SCORE
+from tests.helpers import export_tiny
 
 EXPERIMENT = "flowers102"
 
 
 @pytest.fixture(scope="module")
 def saved_model(tiny_backbone, tmp_path_factory):
-    model = build_model(HubFeatureVector(tiny_backbone), (32, 32), 3, compose_config().model, seed=0)
-    return export_saved_model(model, ["a", "b", "c"], (32, 32), 3, tmp_path_factory.mktemp("m") / "flowers" / "1")
+    return export_tiny(tiny_backbone, ["a", "b", "c"], tmp_path_factory.mktemp("m") / "flowers" / "1", top_k=3)[1]
 
 
 @pytest.fixture
@@ -30,13 +28,14 @@ def log_run(saved_model, tracking_uri):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
     mlflow.set_experiment(EXPERIMENT)
 
-    def log(val_accuracy, val_loss=1.0, parent=None, with_model=True, validation="validation"):
-        tags = {"backbone": "tiny", "dataset": "synthetic", "dataset_version": "v1", "git_commit": "abc"}
+    def log(val_accuracy, val_loss=1.0, parent=None, with_model=True, validation="validation",
+            metric="val/accuracy_best"):
+        tags = {"backbone": "tiny", "dataset": "synthetic", "dataset_version": "v1", "git_commit": "abc",
+                "validation_split": validation, "selection.metric": metric}
         if parent:
             tags["mlflow.parentRunId"] = parent
         with mlflow.start_run(tags=tags) as run:
-            mlflow.log_param("data.splits.validation", validation)
-            mlflow.log_metrics({"val/accuracy_best": val_accuracy, "val/loss_at_best": val_loss,
+            mlflow.log_metrics({SCORE: val_accuracy, LOSS: val_loss, "val/accuracy_best": val_accuracy,
                                 "test/accuracy": val_accuracy - 0.05, "test/top5_accuracy": 0.99})
             if with_model:
                 log_pyfunc_model(saved_model, [buffer.getvalue()])
@@ -44,7 +43,7 @@ def log_run(saved_model, tracking_uri):
     return log
 
 
-def test_the_best_run_by_val_accuracy_becomes_version_1_and_champion_with_its_metrics(log_run):
+def test_the_best_run_by_its_score_becomes_version_1_and_champion_with_its_metrics(log_run):
     log_run(0.70)
     best = log_run(0.80, val_loss=0.9)
     log_run(0.80, val_loss=1.1)  # same accuracy, higher loss: loses the tie
@@ -52,7 +51,8 @@ def test_the_best_run_by_val_accuracy_becomes_version_1_and_champion_with_its_me
     assert int(outcome.version.version) == int(outcome.champion.version) == 1
     assert outcome.champion.run_id == best and "is now the champion" in outcome.message
     tags = outcome.champion.tags
-    assert (float(tags["val_accuracy"]), float(tags["val_loss"])) == (0.80, 0.9)
+    assert (float(tags["selection_score"]), float(tags["selection_loss"])) == (0.80, 0.9)
+    assert float(tags["val_accuracy"]) == 0.80 and tags["selection_metric"] == "val/accuracy_best"
     assert float(tags["test_accuracy"]) == pytest.approx(0.75) and float(tags["test_top5_accuracy"]) == 0.99
     assert (tags["backbone"], tags["run_id"], tags["data_version"]) == ("tiny", best, "v1")
     assert tags["validation_split"] == "validation"
@@ -77,14 +77,23 @@ def test_a_worse_run_is_registered_but_the_champion_stays_and_a_better_one_takes
     assert client.get_model_version_by_alias("flowers", "champion").run_id == better
 
 
-def test_a_run_validated_on_other_data_does_not_take_the_alias(log_run):
+def test_a_full_tie_goes_to_the_earlier_run_with_no_hand_in_it(log_run):
+    first = log_run(0.80, val_loss=0.9)
+    log_run(0.80, val_loss=0.9)
+    assert register.best_run(mlflow.MlflowClient(), EXPERIMENT).info.run_id == first
+
+
+@pytest.mark.parametrize("other, shown", [
+    ({"validation": "validation[:30%]"}, "synthetic/v1/validation[:30%]/val/accuracy_best"),
+    ({"metric": "cv/accuracy"}, "synthetic/v1/validation/cv/accuracy"),
+])
+def test_a_run_selected_on_other_data_or_another_metric_does_not_take_the_alias(log_run, other, shown):
     client = mlflow.MlflowClient()
     first = log_run(0.80)
     register.register_best(client, EXPERIMENT, "flowers")
-    sliced = log_run(0.95, validation="validation[:30%]")
-    outcome = register.register_best(client, EXPERIMENT, "flowers", run_id=sliced)
+    outcome = register.register_best(client, EXPERIMENT, "flowers", run_id=log_run(0.95, **other))
     assert outcome.champion.run_id == first and "do not compare; the alias stays" in outcome.message
-    assert "synthetic/v1/validation[:30%]" in outcome.message
+    assert shown in outcome.message
 
 
 def test_the_champion_is_compared_by_its_version_tags_even_when_its_run_is_gone(log_run):
@@ -116,7 +125,7 @@ def test_bad_requests_raise_one_line_errors_and_register_nothing(log_run):
     client = mlflow.MlflowClient()
     with pytest.raises(UserError, match="no MLflow experiment 'nope'"):
         register.register_best(client, "nope", "flowers")
-    with pytest.raises(UserError, match="no finished run with val/accuracy_best"):
+    with pytest.raises(UserError, match="no finished run with selection/score"):
         register.register_best(client, EXPERIMENT, "flowers")
     with pytest.raises(UserError, match="no run 0123"):
         register.register_best(client, EXPERIMENT, "flowers", run_id="0123")
@@ -131,7 +140,7 @@ def test_the_script_prints_the_outcome_and_fails_in_one_line(log_run, tracking_u
     script = [sys.executable, "scripts/register_best.py"]
     done = subprocess.run([*script, "--name", "roses"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "roses version 1 (val accuracy 0.8000) is now the champion" in done.stdout
+    assert "roses version 1 (val/accuracy_best 0.8000) is now the champion" in done.stdout
     failed = subprocess.run([*script, "--experiment", "nope"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: no MLflow experiment 'nope'")

@@ -14,8 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src import report
+from src import report, selection
 from src.config import CONF_DIR, PROJECT_ROOT, UserError
+from src.selection import LOSS, SCORE
 from tests.conftest import compose_config
 
 CLASSES = ["red", "green", "blue", "yellow"]
@@ -32,7 +33,8 @@ def log_run(client, experiment_id, backbone, lr, seed, val, test, *, val_loss=0.
     for key, value in params.items():
         client.log_param(run_id, key, value)
     if status == "FINISHED":
-        metrics = {"val/accuracy_best": val, "val/loss_at_best": val_loss, "test/accuracy": test,
+        metrics = {SCORE: val, LOSS: val_loss, "val/accuracy_best": val, "val/loss_at_best": val_loss,
+                   "test/accuracy": test,
                    "test/top5_accuracy": min(1.0, test + 0.1), "epochs_trained": len(curve), "best_epoch": len(curve),
                    "time/train_s": 3.0, "model/size_mb": 12.5}
         for key, value in metrics.items():
@@ -84,12 +86,15 @@ def store(tracking_uri, tmp_path):
 
 def test_table_has_one_row_per_training_run_best_on_validation_first(store):
     client, ids, sweep = store
-    table = report.experiment_runs(client, "grid")
+    table = selection.runs_table(report.experiment_runs(client, "grid"))
     assert sweep not in set(table["run_id"]) and len(table) == 7
     # val 0.86 twice: the lower val loss (0.3, seed 2) wins; the failed run, without metrics, comes last
     assert list(table["run_id"]) == [ids["b", 0.01, 2], ids["b", 0.01, 1], ids["a", 0.01, 3], ids["a", 0.01, 2],
                                      ids["a", 0.01, 1], ids["a", 0.1, 1], ids["failed"]]
-    assert list(table.columns) == ["run", "status", *report.CONFIGURATION.values(), "seed", *report.RESULTS.values()]
+    assert list(table.columns[:11]) == ["run", "status", "backbone", "head", "lr", "batch_size", "dropout",
+                                        "label_smoothing", "augmentation", "normalize_features", "seed"]
+    assert {"selection/score", "val/accuracy_best", "test/accuracy", "test/accuracy_ci_low", "cv/accuracy",
+            "git_commit", "dataset_version", "tensorflow", "keras", "mlflow", "run_id"} <= set(table.columns)
     first, last = table.iloc[0], table.iloc[-1]
     assert (first["backbone"], first["lr"], first["batch_size"], first["seed"]) == ("b", 0.01, 32, 2)
     assert (first["test/accuracy"], first["model/size_mb"], first["epochs_trained"]) == (0.83, 12.5, 2)
@@ -101,13 +106,17 @@ def test_summary_groups_seeds_of_one_configuration_with_mean_and_std(store):
     # as good as b on val accuracy, worse on val loss: ranked after b, as runs are (though "aa" sorts first)
     log_run(client, client.get_experiment_by_name("grid").experiment_id, "aa", 0.01, 1, 0.86, 0.99, val_loss=0.9,
             parent=sweep)
-    summary = report.summarize_configurations(report.experiment_runs(client, "grid"))
+    summary = report.summarize_configurations(selection.runs_table(report.experiment_runs(client, "grid")))
     assert [(r.backbone, r.lr, r.n) for r in summary.itertuples()] == [
         ("b", 0.01, 2), ("aa", 0.01, 1), ("a", 0.01, 3), ("a", 0.1, 1)]
     seeds = summary.iloc[2]
     assert seeds["val/accuracy_best_mean"] == pytest.approx(0.82)
     assert seeds["val/accuracy_best_std"] == pytest.approx(0.02)  # sample std of 0.80, 0.82, 0.84
     assert seeds["test/accuracy_mean"] == pytest.approx(0.79) and seeds["test/accuracy_std"] == pytest.approx(0.01)
+    # a t interval on the mean of three: 0.82 +- t(0.975, 2 df) 4.3027 x 0.02 / sqrt(3)
+    assert (seeds["val/accuracy_best_ci_low"], seeds["val/accuracy_best_ci_high"]) == (
+        pytest.approx(0.770317, abs=1e-5), pytest.approx(0.869683, abs=1e-5))
+    assert pd.isna(summary.iloc[0]["val/accuracy_best_ci_low"])  # two runs: no interval
     assert pd.isna(summary.iloc[3]["test/accuracy_std"])
     # per backbone: its configuration with the best mean val accuracy
     per_backbone = report.by_backbone(summary)
@@ -124,12 +133,71 @@ def test_a_param_that_varies_is_shown_and_splits_configurations_a_killed_run_is_
         client.log_param(run_id, "epochs", "60")
     killed = log_run(client, experiment_id, "a", 0.01, 4, None, None, status="KILLED", parent=sweep)
     client.log_param(killed, "epochs", "60")
-    table = report.experiment_runs(client, "grid")
-    assert "epochs" in report.configuration_columns(table) and table.iloc[0]["run_id"] == short
+    table = selection.runs_table(report.experiment_runs(client, "grid"))
+    assert "epochs" in selection.configuration_columns(table) and table.iloc[0]["run_id"] == short
     assert table.loc[table["run_id"] == killed, "status"].item() == "KILLED"
     summary = report.summarize_configurations(table)
     assert [(r.backbone, r.epochs, r.n) for r in summary.itertuples()][:2] == [("a", "2", 1), ("b", "60", 2)]
     assert summary["n"].sum() == 7  # the 6 finished runs and the short one; not the failed or killed runs
+
+
+def log_predictions(client, run_id, tmp_path, correct, one_view=None, version="v1"):
+    """Test predictions of 100 images (labels 0..3): right where `correct` says, else one class off."""
+    labels = np.arange(100) % 4
+    frame = pd.DataFrame({"label": labels, "predicted": np.where(correct, labels, (labels + 1) % 4),
+                          "confidence": 0.9}).rename_axis("index")
+    if one_view is not None:
+        frame["predicted_single_view"] = np.where(one_view, labels, (labels + 1) % 4)
+    folder = tmp_path / f"predictions-{run_id}-{version}"
+    folder.mkdir()
+    frame.to_csv(folder / "test_predictions.csv")
+    client.log_artifacts(run_id, str(folder))
+    for key, value in {"dataset": "synthetic", "dataset_version": version, "test_split": "test"}.items():
+        client.set_tag(run_id, key, value)
+
+
+def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_pooled(tracking_uri, tmp_path):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("techniques", artifact_location=str(tmp_path / "artifacts"))
+    first_80, first_90 = np.arange(100) < 80, np.arange(100) < 90
+    baseline = log_run(client, experiment_id, "a", 0.01, 1, 0.80, 0.80)
+    client.log_param(baseline, "model.head", "logistic_regression")
+    log_predictions(client, baseline, tmp_path, first_80)
+    runs = {}
+    for seed, correct in ((1, first_90), (2, first_80)):
+        runs[seed] = log_run(client, experiment_id, "a", 0.01, seed, 0.85, 0.85)
+        client.log_param(runs[seed], "model.head", "dense")
+        log_predictions(client, runs[seed], tmp_path, correct, one_view=first_80)
+    other = log_run(client, experiment_id, "b", 0.01, 1, 0.9, 0.9)  # no baseline on backbone b: not compared
+    client.log_param(other, "model.head", "dense")
+    log_predictions(client, other, tmp_path, first_90)
+
+    table = selection.runs_table(report.experiment_runs(client, "techniques"))
+    declared = OmegaConf.create({"where": {"model.head": "logistic_regression"}, "same": ["backbone"]})
+    compared = report.comparisons(report.experiment_runs(client, "techniques"), table, declared)
+    served = compared[compared["view"] == "as served"].set_index("seed")
+    assert list(served.index) == ["1", "2", "pooled (2)"] and set(compared["baseline_seed"]) >= {"1"}
+    # seed 1 is right on 10 images the baseline gets wrong, and wrong on none it gets right: McNemar's exact
+    # two-sided p is 2 x 0.5^10
+    assert served.loc["1", "difference"] == pytest.approx(0.10) and served.loc["1", "p_value"] == pytest.approx(2 / 1024)
+    # the bootstrap mean of 100 draws of ten 1s in 100: about Binomial(100, 0.1) / 100, whose 95 % range is 0.05-0.16
+    assert 0.03 <= served.loc["1", "ci_low"] <= 0.06 and 0.15 <= served.loc["1", "ci_high"] <= 0.17
+    assert served.loc["2", "difference"] == 0 and served.loc["2", "p_value"] == 1
+    assert served.loc["pooled (2)", "difference"] == pytest.approx(0.05)  # each of the 10 images right in 1 of 2
+    one_view = compared[compared["view"] == "one view"]
+    assert list(one_view["difference"]) == [0, 0, 0]  # one view, both seeds are the baseline's predictions
+    assert set(compared["configuration"]) == {"a, head=dense"}
+    assert set(compared["baseline"]) == {"a, head=logistic_regression"}
+
+    files = report.write_report(client, "techniques", tmp_path / "results", baseline=declared)
+    assert {"comparisons.csv", "comparisons.md"} <= set(files)
+    assert "+10.00" in (tmp_path / "results" / "comparisons.md").read_text()
+
+    log_predictions(client, other, tmp_path, first_90, version="v2")  # retagged: evaluated on other images
+    client.log_param(baseline, "backbone.name", "a")
+    with pytest.raises(UserError, match="no finished run matches the declared baseline"):
+        report.comparisons(report.experiment_runs(client, "techniques"), table,
+                           OmegaConf.create({"where": {"model.head": "svm"}}))
 
 
 def test_unknown_or_empty_experiment_is_a_one_line_error(store):
@@ -193,7 +261,7 @@ def test_a_study_kept_in_memory_leaves_out_the_optuna_figures_and_a_missing_one_
 
 def test_log_study_tags_the_storage_without_its_password(tracking_uri, monkeypatch):
     from src import search
-    from src.sweep import SWEEP_RUN_ENV
+    from src.track import SWEEP_RUN_ENV
 
     run_id = mlflow.MlflowClient().create_run("0").info.run_id
     monkeypatch.setenv(SWEEP_RUN_ENV, run_id)

@@ -13,7 +13,7 @@ import pytest
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits, make_batches
 from src.pipeline import run_job
-from src.runtimes import Classifier, convert, interpreter
+from src.runtimes import Classifier, convert, input_size, interpreter
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
 import export_tflite  # noqa: E402
@@ -91,7 +91,7 @@ def test_a_saved_model_without_the_resized_images_signature_is_a_one_line_error(
     module.f = tf.function(lambda x: x + 1, input_signature=[tf.TensorSpec([None], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "old"), signatures={"serving_default": module.f})
     with pytest.raises(UserError, match="has no 'classify_resized' signature: an older version of this project exported it"):
-        convert(tmp_path / "old", "float16")
+        input_size(tmp_path / "old")
 
 
 def test_without_a_champion_export_tflite_says_what_to_do(tracking_uri, capsys):

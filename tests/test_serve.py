@@ -4,35 +4,19 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 
-import mlflow
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from src import register
-from src.backbone import HubFeatureVector
 from src.config import PROJECT_ROOT
-from src.export import export_saved_model, log_pyfunc_model
-from src.model import build_model
 from src.pyfunc_model import FlowerClassifier
-from src.serve import free_port, wait_until_up
-from tests.conftest import compose_config
+from tests.helpers import CLASSES, JPEG, PHOTO, encode, free_port, running
 
-CLASSES = ["daisy", "rose", "tulip", "lily"]
 MAX_IMAGES, MAX_BODY_MB = 4, 1
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
@@ -43,9 +27,6 @@ def split(*images: str) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
 
 
-RNG = np.random.default_rng(0)
-PHOTO = Image.fromarray(RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8))
-JPEG = encode(PHOTO, "JPEG")
 
 
 def bomb_png(width=30000, height=30000) -> bytes:
@@ -59,44 +40,10 @@ def bomb_png(width=30000, height=30000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def store(tiny_backbone, tmp_path_factory):
-    """A store with one trained-and-registered champion (a tiny model on 4 classes)."""
-    tmp = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    model = build_model(HubFeatureVector(tiny_backbone), (32, 32), len(CLASSES), compose_config().model, seed=0)
-    saved = export_saved_model(model, CLASSES, (32, 32), 3, tmp / "flowers" / "1")
-    mlflow.set_experiment("flowers102")
-    with mlflow.start_run():
-        mlflow.log_metrics({"val/accuracy_best": 0.5, "val/loss_at_best": 1.0})
-        log_pyfunc_model(saved, [JPEG])
-    register.register_best(mlflow.MlflowClient(), "flowers102", "flowers")
-    yield uri, saved
-    mlflow.set_tracking_uri(None)
-
-
-@contextmanager
-def running(command: list[str], port: int, env: dict, ready: str = "/ping"):
-    """Start a server process, wait until `ready` answers on the port, yield its URL; stop it afterwards."""
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # so that stopping it stops its children too
-        url = f"http://127.0.0.1:{port}"
-        try:
-            if not wait_until_up(url + ready, process):
-                log.seek(0)
-                pytest.fail(f"the server did not come up: {log.read()[-3000:]}")
-            yield url
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server(store):
+def server(champion_store):
     port = free_port()
     with running([sys.executable, "scripts/serve_best.py", f"serve.port={port}", f"serve.max_images={MAX_IMAGES}",
-                  f"serve.max_body_mb={MAX_BODY_MB}"], port, {**os.environ, "MLFLOW_TRACKING_URI": store[0]}) as url:
+                  f"serve.max_body_mb={MAX_BODY_MB}"], port, {**os.environ, "MLFLOW_TRACKING_URI": champion_store[0]}) as url:
         yield url
 
 
@@ -111,14 +58,14 @@ def test_ping_and_health_answer(server):
     assert requests.get(f"{server}/health").status_code == 200
 
 
-def test_images_of_every_mode_and_size_get_their_top_k_as_in_process(server, store):
+def test_images_of_every_mode_and_size_get_their_top_k_as_in_process(server, champion_store):
     images = [JPEG, encode(PHOTO, "PNG"), encode(PHOTO.convert("L"), "JPEG"), encode(PHOTO.convert("RGBA"), "PNG")]
     more = [encode(PHOTO.convert("CMYK"), "JPEG"), encode(Image.new("RGB", (4000, 3000), "seagreen"), "JPEG"),
             encode(Image.new("RGB", (1, 1), "red"), "PNG"), encode(PHOTO.convert("P"), "PNG")]
     predictions = [p for batch in (images, more)
                    for p in invoke(server, split(*map(b64, batch))).json()["predictions"]]
     assert len(predictions) == 8
-    expected = FlowerClassifier.from_saved_model(str(store[1])).predict(
+    expected = FlowerClassifier.from_saved_model(str(champion_store[1])).predict(
         None, __import__("pandas").DataFrame({"image": images + more}))
     for got, want in zip(predictions, expected.itertuples()):
         assert [t["class_name"] for t in got["top_k"]] == [t["class_name"] for t in want.top_k]
@@ -212,14 +159,14 @@ def image_files(tmp_path_factory):
     return [str(folder / "photo.jpg"), str(folder / "grey.png")]
 
 
-def test_predict_script_gives_the_same_top_k_from_the_server_and_in_process(server, store, image_files):
+def test_predict_script_gives_the_same_top_k_from_the_server_and_in_process(server, champion_store, image_files):
     by_url = predict(*image_files, "--url", server, "--json", "--top-k", "2", "--batch-size", "1")
     assert by_url.returncode == 0, by_url.stderr[-2000:]
     lines = [json.loads(line) for line in by_url.stdout.splitlines()]
     assert [line["file"] for line in lines] == image_files
     assert all(len(line["top_k"]) == 2 and set(line["top_k"][0]) == {"class_name", "label", "score"}
                for line in lines)
-    in_process = predict(*image_files, "--json", "--top-k", "2", uri=store[0])
+    in_process = predict(*image_files, "--json", "--top-k", "2", uri=champion_store[0])
     assert in_process.returncode == 0, in_process.stderr[-2000:]
     for a, b in zip(lines, map(json.loads, in_process.stdout.splitlines())):
         assert [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
@@ -236,22 +183,22 @@ def test_predict_script_gives_the_same_top_k_from_the_server_and_in_process(serv
     (["{text}", "--model-uri", "models:/flowers@champion"], "image 0 is not an image"),
     (["{image}", "--model-uri", "models:/nope@champion"], "cannot load models:/nope@champion"),
 ])
-def test_predict_script_errors_are_one_line(server, store, image_files, tmp_path, args, message):
+def test_predict_script_errors_are_one_line(server, champion_store, image_files, tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("not an image")
     args = [a.format(image=image_files[0], server=server, text=tmp_path / "notes.txt") for a in args]
-    result = predict(*args, uri=store[0])
+    result = predict(*args, uri=champion_store[0])
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-1500:]
 
 
-def test_plain_mlflow_models_serve_serves_the_champion_with_the_same_checks(store):
+def test_plain_mlflow_models_serve_serves_the_champion_with_the_same_checks(champion_store):
     """`mlflow models serve --env-manager local` runs the same app without the body limit; the model's own
     checks still answer 400."""
     port = free_port()
     venv_bin = os.path.dirname(sys.executable)  # it runs `uvicorn` from PATH
     command = [os.path.join(venv_bin, "mlflow"), "models", "serve", "-m", "models:/flowers@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0], "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion_store[0], "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     with running(command, port, env) as url:
         assert invoke(url, split(b64(JPEG))).json()["predictions"][0]["class_name"] in CLASSES
         bad = invoke(url, split(b64(bomb_png())))

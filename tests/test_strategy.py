@@ -17,6 +17,7 @@ import tensorflow as tf
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits
 from src.pipeline import run_job
+from src.spec import Job
 from src.train import make_strategy, precision
 from tests.conftest import compose_config
 
@@ -50,11 +51,11 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices_with_and_without_th
 
 
 def test_without_gpus_the_mirrored_strategy_spans_the_cpu_devices_and_default_is_one_device():
-    assert make_strategy(compose_config().trainer).num_replicas_in_sync == 1
-    mirrored = make_strategy(compose_config("trainer.strategy=mirrored").trainer)
+    assert make_strategy("default").num_replicas_in_sync == 1
+    mirrored = make_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
     with pytest.raises(UserError, match="trainer.strategy='tpu' is unknown; use one of: default, mirrored"):
-        make_strategy(compose_config("trainer.strategy=tpu").trainer)
+        Job.from_config(compose_config("trainer.strategy=tpu"))
 
 
 def test_cpu_devices_that_tensorflow_cannot_take_any_more_are_a_one_line_error(synthetic_cfg, tmp_path):
@@ -70,10 +71,8 @@ def test_cpu_devices_that_tensorflow_cannot_take_any_more_are_a_one_line_error(s
 
 
 def test_mixed_precision_is_true_or_false():
-    from src.config import validate
-
     with pytest.raises(UserError, match="trainer.mixed_precision='fp16' is invalid: expected true or false"):
-        validate(compose_config("trainer.mixed_precision=fp16"))
+        Job.from_config(compose_config("trainer.mixed_precision=fp16"))
 
 
 def test_mixed_precision_trains_the_head_in_bfloat16_on_cpu_and_restores_the_policy(synthetic_cfg, tmp_path):
@@ -103,8 +102,7 @@ def test_under_mixed_precision_the_head_computes_in_bfloat16_with_float32_weight
     from src.model import build_head
 
     with precision(True):
-        head = build_head(4, compose_config().model)
-        head.build((None, 8))
+        head = build_head(4, Job.from_config(compose_config()).head, [8])
     dense, softmax = head.layers[-2], head.layers[-1]
     assert (dense.compute_dtype, dense.kernel.dtype, softmax.compute_dtype) == ("bfloat16", "float32", "float32")
     assert head(np.ones((2, 8), "float32")).dtype == "float32"

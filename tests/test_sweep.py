@@ -65,13 +65,16 @@ def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_p
     assert len(combos) == 8
     client = mlflow.MlflowClient()
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="summary.csv"))
-    assert len(summary) == 8 and summary["val/accuracy_best"].is_monotonic_decreasing
+    assert len(summary) == 8 and summary["selection/score"].is_monotonic_decreasing
     assert {a.path for a in client.list_artifacts(parent_id)} == {"summary.csv", "summary.md"}
-    best = jobs.sort_values(["metrics.val/accuracy_best", "metrics.val/loss_at_best"],
-                            ascending=[False, True]).iloc[0]
+    # the best by hand: the highest val accuracy, then the lowest val loss, then the earliest
+    ranked = sorted(((r["metrics.val/accuracy_best"], -r["metrics.val/loss_at_best"], -r["start_time"].timestamp(),
+                      r["run_id"]) for _, r in jobs.iterrows()), reverse=True)
+    best = jobs.set_index("run_id").loc[ranked[0][3]]
     parent_run = client.get_run(parent_id)
-    assert parent_run.data.tags["best_run_id"] == best["run_id"] == summary["run_id"][0]
-    assert parent_run.data.metrics["best/val/accuracy_best"] == best["metrics.val/accuracy_best"]
+    assert parent_run.data.tags["best_run_id"] == ranked[0][3] == summary["run_id"][0]
+    assert parent_run.data.metrics["best/selection/score"] == best["metrics.val/accuracy_best"]
+    assert parent_run.data.tags["selection.metric"] == "val/accuracy_best"
     assert parent_run.data.metrics["best/test/accuracy"] == best["metrics.test/accuracy"]
     assert parent_run.info.status == "FINISHED"
 

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from src.config import UserError, backbone_configs, model_input_size
+from src.config import UserError
 from src.data import load_splits, make_batches
 from src.export import CLASSIFY_RESIZED
-from src.model import predict_views, view
 from src.pipeline import run_job
+from src.spec import Job
+from src.views import predict_views, view
 from tests.conftest import compose_config
 from tests.tiny_backbone import save_tiny_backbone
 
@@ -53,13 +54,13 @@ def logged_predictions(run_id: str) -> pd.DataFrame:
 
 
 def test_backbones_name_options_or_give_mappings_and_the_model_input_is_the_largest(tiny_backbone):
-    cfg = compose_config("backbones=[mobilenet_v1_100_224,efficientnet_lite2_260]")
-    assert [b.name for b in backbone_configs(cfg)] == ["mobilenet_v1_100_224", "efficientnet_lite2_260"]
-    assert backbone_configs(cfg)[0].handle.endswith("/mobilenet_v1_100_224")  # ${paths.backbones_dir} resolved
-    assert model_input_size(cfg) == (260, 260)
-    cfg = job(compose_config(), backbones=two_backbones(tiny_backbone))
-    assert [(b.name, b.trainable) for b in backbone_configs(cfg)] == [("small", False), ("large", False)]
-    assert model_input_size(compose_config("backbone=efficientnet_lite2_260")) == (260, 260)
+    spec = Job.from_config(compose_config("backbones=[mobilenet_v1_100_224,efficientnet_lite2_260]"))
+    assert [b.name for b in spec.backbones] == ["mobilenet_v1_100_224", "efficientnet_lite2_260"]
+    assert spec.backbones[0].handle.endswith("/mobilenet_v1_100_224")  # ${paths.backbones_dir} resolved
+    assert spec.input_size == (260, 260)
+    spec = Job.from_config(job(compose_config(), backbones=two_backbones(tiny_backbone)))
+    assert [(b.name, b.trainable) for b in spec.backbones] == [("small", False), ("large", False)]
+    assert Job.from_config(compose_config("backbone=efficientnet_lite2_260")).input_size == (260, 260)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -120,7 +121,7 @@ def test_two_backbones_with_tta_training_views_and_refit_in_one_run(synthetic_cf
     # antialiasing (TFLite has no such op), each backbone's features in the head's order (16 + 24 of them): over
     # the image and its mirror it gives the logged TTA answers, up to the resize
     saved_model = tf.saved_model.load(str(next((tmp_path / "job" / "saved_model").rglob("saved_model.pb")).parent))
-    images, _ = next(iter(make_batches(load_splits(cfg.data).test, model_input_size(cfg), 80)))
+    images, _ = next(iter(make_batches(load_splits(cfg.data).test, Job.from_config(cfg).input_size, 80)))
     resized = saved_model.signatures[CLASSIFY_RESIZED](images=images)["probabilities"].numpy()
     assert resized.shape == (80, 4)
     mirrored = saved_model.signatures[CLASSIFY_RESIZED](images=images[:, :, ::-1])["probabilities"].numpy()

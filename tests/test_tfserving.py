@@ -16,14 +16,15 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from src import register
 from src.config import PROJECT_ROOT
-from tests.test_serve import CLASSES, JPEG, PHOTO, encode, store  # noqa: F401 (a fixture)
+from src.selection import LOSS, SCORE
+from tests.helpers import CLASSES, JPEG, PHOTO, encode
 
 
 @pytest.fixture(scope="module")
-def exported(store, tmp_path_factory):
-    """`make export-tfserving` on the store of tests/test_serve.py, whose champion is version 1; then a second,
+def exported(champion_store, tmp_path_factory):
+    """`make export-tfserving` on the champion_store of tests/test_serve.py, whose champion is version 1; then a second,
     better version becomes the champion and is exported beside it."""
-    uri, _ = store
+    uri, _ = champion_store
     out = tmp_path_factory.mktemp("tfserving")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
 
@@ -58,7 +59,7 @@ def tf_serving_rest(signature, body: str) -> str:
     return json.dumps({"predictions": rows})
 
 
-def test_the_signature_answers_the_json_a_tf_serving_client_sends(exported, store):
+def test_the_signature_answers_the_json_a_tf_serving_client_sends(exported, champion_store):
     out, _ = exported
     images = [JPEG, encode(PHOTO.convert("RGBA"), "PNG")]
     body = json.dumps({"instances": [{"b64": base64.b64encode(i).decode()} for i in images]})
@@ -91,14 +92,14 @@ def test_the_saved_model_needs_nothing_but_tensorflow(exported, tmp_path):
     assert modules == "[]"  # neither the project nor MLflow was needed
 
 
-def test_a_new_champion_is_exported_beside_the_old_version_and_the_config_follows_it(exported, store):
+def test_a_new_champion_is_exported_beside_the_old_version_and_the_config_follows_it(exported, champion_store):
     out, _ = exported
-    uri, saved = store
+    uri, saved = champion_store
     from src.export import log_pyfunc_model
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("flowers102")
     with mlflow.start_run():
-        mlflow.log_metrics({"val/accuracy_best": 0.9, "val/loss_at_best": 0.5})
+        mlflow.log_metrics({SCORE: 0.9, LOSS: 0.5})
         log_pyfunc_model(saved, [JPEG])
     assert register.register_best(mlflow.MlflowClient(), "flowers102", "flowers").champion.version in (2, "2")
     result = subprocess.run([sys.executable, "scripts/export_tfserving.py", "--output", str(out)], cwd=PROJECT_ROOT,

@@ -5,9 +5,12 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from src import track
 from src.config import PROJECT_ROOT
+from src.data import load_splits
+from src.spec import Job, run_name
 from tests.conftest import compose_config
 
 
@@ -54,20 +57,29 @@ def test_processes_that_open_a_fresh_store_together_all_succeed_and_leave_it_usa
     client.create_run(client.get_experiment_by_name("race").experiment_id)
 
 
-def test_run_name_says_backbone_lr_batch_size_and_seed():
-    assert track.run_name(compose_config("backbone=mobilenet_v2_100_224", "lr=3e-4", "batch_size=64")) == \
+def test_run_name_says_backbone_techniques_lr_batch_size_and_seed():
+    assert run_name(compose_config("backbone=mobilenet_v2_100_224", "lr=3e-4", "batch_size=64")) == \
         "mobilenet_v2_100_224-lr0.0003-bs64-seed42"
-    assert track.run_name(compose_config("tracking.run_name=mine")) == "mine"
+    assert run_name(compose_config("backbones=[mobilenet_v1_100_224,efficientnet_lite0_224]", "model.tta=flip",
+                                   "trainer.cv_folds=5", "trainer.refit=true", "trainer.refit_budget=steps")) == \
+        "mobilenet_v1_100_224+efficientnet_lite0_224-tta_flip-cv5-refit_steps-lr0.001-bs32-seed42"
+    assert run_name(compose_config("model=logistic_regression", "backbone=mobilenet_v2_100_224", "seed=1")) == \
+        "mobilenet_v2_100_224-logistic_regression-seed1"  # no lr or batch: scikit-learn takes neither
+    assert run_name(compose_config("tracking.run_name=mine")) == "mine"
 
 
 def test_tags_name_commit_data_device_and_versions():
-    tags = track.run_tags(compose_config("backbone=mobilenet_v1_100_224"), "oxford_flowers102", "2.1.1")
+    job = Job.from_config(compose_config("backbone=mobilenet_v1_100_224"))
+    splits = load_splits(compose_config("data=synthetic").data)
+    tags = track.run_tags(job, splits, tf.distribute.get_strategy())
     assert tags["backbone"] == "mobilenet_v1_100_224"
-    assert (tags["dataset"], tags["dataset_version"]) == ("oxford_flowers102", "2.1.1")
+    assert (tags["dataset"], tags["dataset_version"]) == ("synthetic", splits.version)
+    assert (tags["validation_split"], tags["test_split"]) == ("validation", "test")
     assert len(tags["git_commit"].removesuffix("-dirty")) == 40
     assert tags["device"] in ("CPU", "GPU") and tags["device.name"] and int(tags["device.count"]) >= 1
     assert (tags["strategy"], tags["replicas"], tags["precision"]) == ("default", "1", "float32")
-    assert tags["keras_version"] == keras.__version__
+    assert tags["keras_version"] == keras.__version__ and tags["mlflow_version"] == mlflow.__version__
+    assert tags["tensorflow_version"] == tf.__version__
 
 
 def test_epoch_metrics_are_logged_with_step_equal_to_epoch(tracking_uri):

@@ -1,9 +1,6 @@
 """End to end through the command line: `python train.py ...` on synthetic data with the tiny backbone."""
 
 import io
-import os
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -12,26 +9,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from src.config import PROJECT_ROOT, flatten
+from src.config import flatten
 from src.data import load_splits
 from tests.conftest import compose_config
-from tests.test_data import make_image_folder
+from tests.helpers import logged_runs as runs, make_image_folder, train_cli as train
 
 FAST = ["data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=2"]
-
-
-def train(tmp_path, *overrides):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "train.py", *overrides, f"tracking.artifact_location={tmp_path}/art",
-                           f"hydra.run.dir={tmp_path}/out", f"paths.cache_dir={tmp_path}/cache"], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def runs(tmp_path):
-    if not (tmp_path / "mlflow.db").exists():
-        return []
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import os
 import mlflow
 import requests
 
-from tests.test_serve import free_port, running
+from tests.helpers import free_port, running
 
 
 def test_make_ui_serves_the_store_runs_artifacts_and_champion(tracking_uri, tmp_path):

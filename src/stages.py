@@ -1,0 +1,306 @@
+"""Training stages and the plan that runs them.
+
+A stage fits a model and returns what it made (`Fitted`): the model (uint8 image -> probabilities, what is
+exported), a predictor for any split and views, its curves, and the budget it selected (epochs, or a
+regularisation strength) that a refit replays. The stages:
+- `DenseHead`: a Keras softmax head on the frozen backbones, from cached features or through the images;
+- `LogisticRegressionHead`: multinomial L2 logistic regression (scikit-learn) on cached features, the baseline;
+- `FineTune`: stage 2, the backbones unfrozen, with augmentation, on the images.
+
+A `Round` says what a run of the stages fits on and watches. The `Plan` runs its stages for selection (fit on
+train, select on validation), replays them with the recorded budgets on train + validation (a refit), and
+cross-validates the first stage on train + validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
+
+from src import track
+from src.data import Splits, make_batches
+from src.features import Features
+from src.model import Network, build_head, normalization, predict_batches
+from src.spec import Job
+from src.train import Schedule, compile_model, fit
+from src.views import predict_views, view
+
+log = logging.getLogger(__name__)
+
+# (split, views) -> (the mean of the probabilities over the views [images, classes], labels)
+Predictor = Callable[[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Fitted:
+    model: keras.Model  # uint8 image -> probabilities
+    predict: Predictor
+    curves: pd.DataFrame  # one row per epoch (index from 1) or per grid value: train/*, val/* loss and accuracy
+    budgets: tuple[dict, ...]  # what each stage so far selected, e.g. ({"epochs": 12}, {"epochs": 3})
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one run of the stages fits on and watches. With `validation`, each stage records its curve on it and,
+    unless given a budget, selects on it (early stopping, or the best grid value); `early_stopping=False` trains
+    the whole budget anyway (cross-validation, which averages whole curves). A refit watches nothing."""
+    train: tuple[str, ...] = ("train",)
+    validation: str | None = "validation"
+    early_stopping: bool = True
+    callbacks: tuple[keras.callbacks.Callback, ...] = ()
+
+
+@dataclass
+class Context:
+    """What every stage reads: the job, its data, its network, and the cached features when the job uses them."""
+    job: Job
+    splits: Splits
+    network: Network
+    strategy: tf.distribute.Strategy
+    features: Features | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+
+@dataclass
+class CrossValidation:
+    accuracy: float  # the mean over the folds, at the selected budget
+    loss: float
+    fold_accuracies: list[float]
+    budget: dict
+    curve: pd.DataFrame = field(repr=False)  # the mean of the folds' val curves
+
+
+class DenseHead:
+    """A Keras softmax head on the frozen backbones: trained on their cached features when the job uses the cache,
+    else end to end through the images (with the job's augmentation)."""
+
+    def fit(self, ctx: Context, rnd: Round, budget: dict | None, previous: Fitted | None) -> Fitted:
+        job, network = ctx.job, ctx.network
+        epochs = budget["epochs"] if budget else job.epochs
+        patience = job.patience if rnd.early_stopping and not budget else None
+        if ctx.features is not None:
+            with ctx.strategy.scope():
+                head = build_head(ctx.num_classes, job.head, ctx.features.widths)
+                compile_model(head, job.optimizer, job.lr, job.head.label_smoothing)
+            train = _feature_batches(ctx.features.stack(rnd.train, job.train_views), job.batch_size, job.seed)
+            validation = rnd.validation and _feature_batches(ctx.features.get(rnd.validation), job.batch_size)
+            history = fit(head, train, validation, Schedule(epochs, patience), rnd.callbacks, job.verbose)
+            model, predict = network.classifier(head), _feature_predictor(head, ctx.features, job.batch_size)
+        else:
+            with ctx.strategy.scope():
+                head = build_head(ctx.num_classes, job.head, network.widths)
+                model = network.classifier(head, job.augmentation, job.seed)
+                compile_model(model, job.optimizer, job.lr, job.head.label_smoothing)
+            validation = rnd.validation and _split_batches(ctx, rnd.validation)
+            history = fit(model, _training_batches(ctx, rnd.train), validation, Schedule(epochs, patience),
+                          rnd.callbacks, job.verbose)
+            predict = _image_predictor(ctx, model)
+        curves = _curves(history)
+        selected = int(curves["val/accuracy"].idxmax()) if patience is not None else epochs
+        return Fitted(model, predict, curves, ({"epochs": selected},))
+
+
+class LogisticRegressionHead:
+    """Multinomial L2 logistic regression (scikit-learn, lbfgs) on the cached features, unit-normalised per
+    backbone when model.normalize_features. C comes from model.c_grid: the first with the best val accuracy (the
+    grid is in ascending order, so the strongest regularisation wins a tie). Its coefficients become the Dense
+    layer of the same head as DenseHead's, so the model exports and serves like any other."""
+
+    def fit(self, ctx: Context, rnd: Round, budget: dict | None, previous: Fitted | None) -> Fitted:
+        job, features = ctx.job, ctx.features
+        normalize = normalization(features.widths)
+        prepared = (lambda x: np.asarray(normalize(x))) if job.head.normalize_features else (lambda x: x)  # noqa: E731
+        x, y = features.stack(rnd.train, job.train_views)
+        x = prepared(x)
+        grid = [budget["C"]] if budget else sorted(job.head.c_grid)
+        rows, models = [], []
+        for c in grid:
+            classifier = LogisticRegression(C=c, max_iter=job.head.max_iter).fit(x, y)
+            row = {"C": c, **_scores(classifier, x, y, ctx.num_classes, "train")}
+            if rnd.validation:
+                row |= _scores(classifier, prepared(features.get(rnd.validation)[0]),
+                               features.get(rnd.validation)[1], ctx.num_classes, "val")
+            rows.append(row)
+            models.append(classifier)
+            log.info("logistic regression C=%g: %s", c, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "C"))
+        curves = pd.DataFrame(rows).set_index("C")
+        if rnd.validation and rnd.early_stopping:  # the selection's grid, as a curve in the MLflow UI
+            for step, row in enumerate(rows, start=1):
+                mlflow.log_metrics({"c_grid/C": row["C"], "c_grid/val_accuracy": row["val/accuracy"],
+                                    "c_grid/val_loss": row["val/loss"]}, step=step)
+        best = 0 if budget else int(np.argmax(curves["val/accuracy"].to_numpy()))
+        head = self._head(ctx, models[best])
+        return Fitted(ctx.network.classifier(head), _feature_predictor(head, features, job.batch_size), curves,
+                      ({"C": float(grid[best])},))
+
+    @staticmethod
+    def _head(ctx: Context, classifier: LogisticRegression) -> keras.Sequential:
+        head = build_head(ctx.num_classes, ctx.job.head, ctx.features.widths)
+        kernel = np.zeros((sum(ctx.features.widths), ctx.num_classes), np.float32)
+        bias = np.full(ctx.num_classes, -1e9, np.float32)  # a class absent from training is never predicted
+        kernel[:, classifier.classes_] = classifier.coef_.T
+        bias[classifier.classes_] = classifier.intercept_
+        head.layers[-2].set_weights([kernel, bias])  # the Dense layer, before the softmax
+        return head
+
+
+def _scores(classifier: LogisticRegression, x: np.ndarray, y: np.ndarray, num_classes: int, prefix: str) -> dict:
+    probabilities = np.full((len(y), num_classes), 1e-12)
+    probabilities[:, classifier.classes_] = classifier.predict_proba(x)
+    return {f"{prefix}/accuracy": float((probabilities.argmax(axis=1) == y).mean()),
+            f"{prefix}/loss": float(-np.log(probabilities[np.arange(len(y)), y]).mean())}
+
+
+class FineTune:
+    """Stage 2: the backbones unfrozen at lr * finetune.lr_scale, with model.augmentation's layers, on the images,
+    epochs counted on from stage 1's. Selection keeps stage 2 only if it beats stage 1 on validation."""
+
+    def fit(self, ctx: Context, rnd: Round, budget: dict | None, previous: Fitted) -> Fitted:
+        job, network, settings = ctx.job, ctx.network, ctx.job.finetune
+        before = previous.model.get_weights()  # stage 1: its head, and the backbones it shares with stage 2
+        frozen = [backbone.trainable for backbone in network.backbones]
+        with ctx.strategy.scope():
+            model = network.classifier(previous.model.get_layer("head"),
+                                       dataclasses.replace(job.augmentation, enabled=True), job.seed)
+            for backbone in network.backbones:
+                backbone.trainable = True
+            compile_model(model, job.optimizer, job.lr * settings.lr_scale, job.head.label_smoothing)
+        first = len(previous.curves)
+        selecting = budget is None
+        schedule = Schedule(first + (budget["epochs"] if budget else settings.epochs),
+                            settings.patience if selecting else None, initial_epoch=first)
+        history = fit(model, _training_batches(ctx, rnd.train), rnd.validation and _split_batches(ctx, rnd.validation),
+                      schedule, rnd.callbacks, job.verbose)
+        for backbone, trainable in zip(network.backbones, frozen):  # as configured, for a refit
+            backbone.trainable = trainable
+        curves = _curves(history, first)
+        if selecting:
+            mlflow.log_metric("finetune/first_epoch", first + 1)
+            if not curves["val/accuracy"].max() > previous.curves["val/accuracy"].max():
+                # Stage 2 changed layers that stage 1's model shares (the head, the backbones): put them back, and
+                # keep stage 1's model, with a zero budget that a refit skips.
+                previous.model.set_weights(before)
+                return Fitted(previous.model, previous.predict, pd.concat([previous.curves, curves]),
+                              (*previous.budgets, {"epochs": 0}))
+        epochs = budget["epochs"] if budget else int(curves["val/accuracy"].idxmax()) - first
+        return Fitted(model, _image_predictor(ctx, model), pd.concat([previous.curves, curves]),
+                      (*previous.budgets, {"epochs": epochs}))
+
+
+class Plan:
+    """The job's stages in order: a head (DenseHead or LogisticRegressionHead), then FineTune if enabled."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.stages = [LogisticRegressionHead() if job.head.kind == "logistic_regression" else DenseHead()]
+        if job.finetune:
+            self.stages.append(FineTune())
+
+    def select(self, ctx: Context, callbacks=()) -> Fitted:
+        """Fit on train, select on validation. The backbones' weights are kept, for a refit to start from."""
+        self._pretrained = [backbone.get_weights() for backbone in ctx.network.backbones]
+        keras.utils.set_random_seed(self.job.seed)
+        return self._run(ctx, Round(callbacks=tuple(callbacks)))
+
+    def refit(self, ctx: Context, budgets: tuple[dict, ...]) -> Fitted:
+        """The same stages from the pretrained backbones and the same seed on train + validation, each for its
+        recorded budget (job.refit "steps": an epoch count scaled to the selection's number of steps)."""
+        for backbone, weights in zip(ctx.network.backbones, self._pretrained):
+            backbone.set_weights(weights)
+        if self.job.refit == "steps":
+            budgets = tuple({"epochs": self._matched_epochs(ctx, b["epochs"])} if "epochs" in b else b for b in budgets)
+        log.info("refit on train + validation with %s", budgets)
+        mlflow.log_metrics({f"refit/stage{i}_{k}": v for i, b in enumerate(budgets, start=1) for k, v in b.items()})
+        keras.utils.set_random_seed(self.job.seed)
+        rnd = Round(train=("train", "validation"), validation=None, callbacks=(track.EpochMetrics("refit/"),))
+        return self._run(ctx, rnd, budgets)
+
+    def cross_validate(self, ctx: Context, k: int) -> CrossValidation:
+        """The first stage on k stratified folds of train + validation, each fold's whole curve (every epoch, or
+        every grid value) on its held-out images; the budget with the best mean over the folds is selected."""
+        head = self.stages[0]
+        budget = {"epochs": self.job.epochs} if isinstance(head, DenseHead) else None
+        curves = []
+        for i, fold in enumerate(ctx.features.folds(k, self.job.seed, self.job.train_views), start=1):
+            keras.utils.set_random_seed(self.job.seed)
+            fitted = head.fit(dataclasses.replace(ctx, features=fold), Round(early_stopping=False), budget, None)
+            curves.append(fitted.curves[["val/accuracy", "val/loss"]])
+            log.info("fold %d/%d: best val accuracy %.4f", i, k, fitted.curves["val/accuracy"].max())
+        mean = sum(curves) / k
+        best = mean["val/accuracy"].idxmax()
+        key = "epochs" if isinstance(head, DenseHead) else "C"
+        return CrossValidation(float(mean.loc[best, "val/accuracy"]), float(mean.loc[best, "val/loss"]),
+                               [float(c.loc[best, "val/accuracy"]) for c in curves],
+                               {key: int(best) if key == "epochs" else float(best)}, mean)
+
+    def _run(self, ctx: Context, rnd: Round, budgets: tuple[dict, ...] | None = None) -> Fitted:
+        fitted = None
+        for i, stage in enumerate(self.stages):
+            budget = budgets[i] if budgets else None
+            if budget == {"epochs": 0}:  # a stage that selection did not keep
+                break
+            fitted = stage.fit(ctx, rnd, budget, fitted)
+        return fitted
+
+    def _matched_epochs(self, ctx: Context, epochs: int) -> int:
+        """`epochs` on train, as an epoch count on train + validation with about the same number of steps."""
+        sizes = {name: int(getattr(ctx.splits, name).cardinality()) for name in ("train", "validation")}
+        batches = lambda n: math.ceil(n * len(self.job.train_views) / self.job.batch_size)  # noqa: E731
+        return max(1, round(epochs * batches(sizes["train"]) / batches(sizes["train"] + sizes["validation"])))
+
+
+def _curves(history: keras.callbacks.History, first: int = 0) -> pd.DataFrame:
+    curves = pd.DataFrame(history.history).rename(columns=track.EPOCH_METRICS)
+    curves.index = pd.RangeIndex(first + 1, first + 1 + len(curves), name="epoch")
+    return curves
+
+
+def _feature_batches(split_features, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(split_features)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(split_features[1]), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _feature_predictor(head: keras.Model, features: Features, batch_size: int) -> Predictor:
+    def predict(split, views):
+        outputs = [predict_batches(head, _feature_batches(features.get(split, v), batch_size)) for v in views]
+        return np.mean([probabilities for probabilities, _ in outputs], axis=0), outputs[0][1]
+    return predict
+
+
+def _training_batches(ctx: Context, names: tuple[str, ...]) -> tf.data.Dataset:
+    """Shuffled training batches of the named splits, each image in every one of the job's training views."""
+    job = ctx.job
+    ds = getattr(ctx.splits, names[0])
+    for name in names[1:]:
+        ds = ds.concatenate(getattr(ctx.splits, name))
+    batches = make_batches(ds, ctx.network.input_size, job.batch_size, cache=job.data.cache, shuffle_seed=job.seed)
+    if len(job.train_views) == 1:
+        return batches
+    return tf.data.Dataset.sample_from_datasets(
+        [batches.map(lambda images, labels, v=v: (view(images, v), labels)) for v in job.train_views], seed=job.seed)
+
+
+def _split_batches(ctx: Context, name: str) -> tf.data.Dataset:
+    return make_batches(getattr(ctx.splits, name), ctx.network.input_size, ctx.job.batch_size, cache=ctx.job.data.cache)
+
+
+def _image_predictor(ctx: Context, model: keras.Model) -> Predictor:
+    def predict(split, views):
+        return predict_batches(lambda images, training=False: predict_views(model, images, views),
+                               make_batches(getattr(ctx.splits, split), ctx.network.input_size, ctx.job.batch_size))
+    return predict
