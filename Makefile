@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # The store train.py uses (conf/tracking/mlflow.yaml): MLFLOW_TRACKING_URI, or the project's mlflow.db.
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test train report compare evaluate ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+.PHONY: install test train report compare evaluate robustness ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
@@ -35,6 +35,9 @@ compare: install  ## two runs on the same test images, paired; e.g. RUNS="<run i
 evaluate: install  ## a model on a labelled folder <FOLDER>/<class name>/*; e.g. MODEL=models:/flowers@champion FOLDER=photos
 	@test -n "$(FOLDER)" || { echo "error: say which photos: make evaluate FOLDER=<folder>/<class name>/*.jpg [MODEL=<model uri>]" >&2; exit 2; }
 	$(PYTHON) scripts/evaluate.py --folder $(FOLDER) $(if $(MODEL),--model-uri $(MODEL)) $(ARGS)
+
+robustness: install  ## a model under the shifts of photos from elsewhere; e.g. MODEL=runs:/<run id>/model [FOLDER=photos]
+	$(PYTHON) scripts/robustness.py $(if $(MODEL),--model-uri $(MODEL)) $(if $(FOLDER),--folder $(FOLDER)) $(ARGS)
 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)

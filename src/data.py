@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import io
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,7 +30,8 @@ IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a
 
 @dataclass
 class Splits:
-    """Unbatched datasets of (encoded image bytes, int64 label), and what describes them."""
+    """Unbatched datasets of (encoded image bytes, int64 label), and what describes them. Besides the three splits,
+    named samples of them (`with_sample`), e.g. the test images that robustness is measured on."""
 
     train: tf.data.Dataset
     validation: tf.data.Dataset
@@ -38,7 +39,25 @@ class Splits:
     class_names: list[str]
     name: str
     version: str
-    specs: dict[str, str]  # what each split is in its source, e.g. {"train": "train[:50%]", ...}
+    specs: dict[str, str]  # what each split or sample is in its source, e.g. {"train": "train[:50%]", ...}
+    samples: dict[str, tf.data.Dataset] = field(default_factory=dict)
+
+    def get(self, name: str) -> tf.data.Dataset:
+        return getattr(self, name) if name in SPLITS else self.samples[name]
+
+    def with_sample(self, name: str, split: str, per_class: int, seed: int) -> Splits:
+        """These splits and `name`: a stratified sample of `split`, the same `per_class` images of each class
+        (all of a class that has fewer) for a seed."""
+        images = self.get(split)
+        labels = np.fromiter(images.map(lambda _, label: label).as_numpy_iterator(), dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                       for c in np.unique(labels)]))
+        kept = tf.constant(keep, tf.int64)
+        sample = images.enumerate().filter(lambda i, _: tf.reduce_any(tf.equal(i, kept))).map(lambda _, pair: pair)
+        sample = sample.apply(tf.data.experimental.assert_cardinality(len(keep)))
+        return replace(self, samples={**self.samples, name: sample},
+                       specs={**self.specs, name: f"{self.specs[split]}:{per_class}_per_class:seed{seed}"})
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:

@@ -1,5 +1,6 @@
-"""A model on labelled photos from outside its training data: a folder `<root>/<class name>/*`, scored through the
-model as it is served (image bytes in, top-k out), and logged as an MLflow evaluation run.
+"""A model on photos from outside its training data, scored through the model as it is served (image bytes in,
+top-k out) and logged as an MLflow evaluation run: a labelled folder `<root>/<class name>/*`, and the test split
+(or a folder) under the shifts of src/shifts.py.
 
 Folder names are matched to the model's class names case-insensitively, with `_` and `-` equal to a space. Every
 file goes through the served model's own image checks first, so a bad file stops the evaluation with the message
@@ -19,10 +20,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from src import evaluate, plots, progress
+from src import evaluate, plots, progress, shifts, stats
 from src.config import UserError
 from src.pyfunc_model import LIMITS, read_image
 
@@ -151,4 +153,66 @@ def log_evaluation(model_uri: str, experiment_name: str, run_name: str, scored: 
         for name, figure in figures.items():
             mlflow.log_figure(figure, name)
             plots.plt.close(figure)
+    return run.info.run_id
+
+
+def sample_images(model_uri: str, per_class: int, folder: Path | None = None) -> tuple[list[bytes], np.ndarray, str]:
+    """The photos to shift: a labelled folder's, or the stratified test sample of the data the model's run trained
+    on (conf/robustness: the same sample a run's shifted/test/* metrics use). (bytes, labels, what they are)."""
+    from src.data import load_splits
+    from src.track import run_config
+
+    model = load_model(model_uri)
+    if folder is not None:
+        _, images, labels = read_folder(folder, model.unwrap_python_model().class_names)
+        return images, labels, str(folder)
+    info = mlflow.models.get_model_info(model_uri)
+    if not info.run_id:
+        raise UserError(f"model {model_uri} was not logged by a training run; pass --folder with labelled photos")
+    splits = load_splits(run_config(info.run_id).data).with_sample("sample", "test", per_class, shifts.SEED)
+    pairs = list(splits.get("sample").as_numpy_iterator())
+    return [image for image, _ in pairs], np.array([label for _, label in pairs]), splits.specs["sample"]
+
+
+def robustness(model, images: list[bytes], labels: np.ndarray) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The model, as served, on the photos as they are and under every shift condition (each shifted photo sent
+    as a PNG): one row per condition (shift, severity, accuracy with its interval), and the metrics: clean and
+    shifted accuracy (the mean over conditions, with a bootstrap interval over the photos)."""
+    rows, correct = [], []
+    clean = score(model, images, labels, "clean")
+    for condition in shifts.CONDITIONS:
+        shifted = [tf.io.encode_png(shifts.apply(tf.io.decode_image(image, channels=3, expand_animations=False),
+                                                 condition, i)).numpy() for i, image in enumerate(images)]
+        scored = score(model, shifted, labels, condition)
+        correct.append((scored.frame["predicted"] == scored.frame["label"]).to_numpy())
+        name, severity = condition.split(":")
+        rows.append({"shift": name, "severity": int(severity), "accuracy": scored.metrics["accuracy"],
+                     "ci_low": scored.metrics["accuracy_ci_low"], "ci_high": scored.metrics["accuracy_ci_high"]})
+    per_image = np.mean(correct, axis=0)
+    low, high = stats.accuracy_interval(per_image)
+    metrics = {"n": len(images), "clean/accuracy": clean.metrics["accuracy"],
+               "clean/accuracy_ci_low": clean.metrics["accuracy_ci_low"],
+               "clean/accuracy_ci_high": clean.metrics["accuracy_ci_high"],
+               "shifted/accuracy": float(per_image.mean()), "shifted/accuracy_ci_low": low,
+               "shifted/accuracy_ci_high": high,
+               **{f"shifted/{r['shift']}_{r['severity']}": r["accuracy"] for r in rows}}
+    return pd.DataFrame(rows), metrics
+
+
+def log_robustness(model_uri: str, experiment_name: str, table: pd.DataFrame, metrics: dict[str, float],
+                   sample: str) -> str:
+    """An evaluation run (tags evaluation=true, evaluation.kind=robustness) with the metrics, the table and a
+    figure of accuracy per shift and severity. Returns its id."""
+    mlflow.set_experiment(experiment_name)
+    with mlflow.start_run(run_name="robustness", tags={"evaluation": "true", "evaluation.kind": "robustness",
+                                                       "evaluation.sample": sample}) as run:
+        mlflow.log_param("model_uri", model_uri)
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            table.to_csv(Path(tmp) / "robustness.csv", index=False)
+            (Path(tmp) / "robustness.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+            mlflow.log_artifacts(tmp)
+        figure = plots.robustness(table, metrics["clean/accuracy"], f"{model_uri}: accuracy under shifts ({sample})")
+        mlflow.log_figure(figure, "robustness.png")
+        plots.plt.close(figure)
     return run.info.run_id

@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedKFold
 from src import files, progress
 from src.data import Splits, make_batches
 from src.model import Network, predict_batches
-from src.views import fingerprint as view_fingerprint, view
+from src.views import fingerprint as view_fingerprint, fixed_view, split_view, viewed_images
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,20 @@ def cache_key(fields: dict) -> str:
 
 
 def load(network: Network, splits: Splits, views: Mapping[str, Sequence[str]], batch_size: int,
-         cache_dir: Path) -> Features:
+         cache_dir: Path, seed: int = 0) -> Features:
     """The features of each split's images in its `views` (and the identity), from the cache or extracted into
-    it. One pass of the images feeds every backbone whose features are missing."""
+    it. One pass of the images feeds every backbone whose features are missing. `seed` draws the random views."""
     digests = {backbone.name: files_digest(backbone.module_path) for backbone in network.backbones}
     arrays, labels = {}, {}
     for split, split_views in views.items():
         for name in ("identity", *sorted(set(split_views) - {"identity"})):
-            paths = {backbone.name: cache_dir / "features" / f"{cache_key(_fields(network, backbone, digests, splits, split, name))}.npz"
-                     for backbone in network.backbones}
+            fields = {b.name: _fields(network, b, digests, splits, split, view_fingerprint(name, seed))
+                      for b in network.backbones}
+            paths = {b.name: cache_dir / "features" / f"{cache_key(fields[b.name])}.npz" for b in network.backbones}
             missing = [b for b in network.backbones if not paths[b.name].is_file()]
             if missing:
-                _extract(Network(missing, network.input_size), splits, split, name, batch_size,
-                         [paths[b.name] for b in missing])
+                _extract(Network(missing, network.input_size), _images(splits, split, name, seed), f"{split}/{name}",
+                         batch_size, [paths[b.name] for b in missing])
             parts = []
             for backbone in network.backbones:
                 with np.load(paths[backbone.name]) as cached:
@@ -104,21 +105,29 @@ def load(network: Network, splits: Splits, views: Mapping[str, Sequence[str]], b
     return Features(arrays, labels, widths)
 
 
-def _fields(network: Network, backbone, digests: dict, splits: Splits, split: str, view_name: str) -> dict:
+def _fields(network: Network, backbone, digests: dict, splits: Splits, split: str, view: str | None) -> dict:
     return {"backbone": backbone.module_path, "backbone_files": digests[backbone.name],
             "input_size": list(network.size_of(backbone)), "decoded_size": list(network.input_size),
             "preprocessing": network.fingerprint(backbone), "dataset": splits.name, "version": splits.version,
-            "split": splits.specs[split], "view": view_fingerprint(view_name), "tensorflow": tf.__version__}
+            "split": splits.specs[split], "view": view, "tensorflow": tf.__version__}
 
 
-def _extract(network: Network, splits: Splits, split: str, view_name: str, batch_size: int,
+def _images(splits: Splits, split: str, name: str, seed: int) -> tuple[tf.data.Dataset, str]:
+    """The split's (encoded image, label) pairs in the view's image part, and its fixed part (applied to the resized
+    batches)."""
+    image, fixed = split_view(name)
+    images = splits.get(split)
+    return (viewed_images(images, image, seed) if image else images), fixed
+
+
+def _extract(network: Network, images: tuple[tf.data.Dataset, str], description: str, batch_size: int,
              paths: list[Path]) -> None:
-    """Every backbone's features of the split's images in the view, from one decode, into `paths` (in order)."""
+    """Every backbone's features of the images, from one decode, into `paths` (in the network's order)."""
     names = "+".join(b.name for b in network.backbones)
-    log.info("extracting features of %s/%s for %s", split, view_name, names)
-    images = getattr(splits, split)
-    batches = make_batches(images, network.input_size, batch_size).map(lambda x, y: (view(x, view_name), y))
-    with progress.bar(int(images.cardinality()), f"features {split}/{view_name} {names}", "img") as bar:
+    log.info("extracting features of %s for %s", description, names)
+    images, fixed = images
+    batches = make_batches(images, network.input_size, batch_size).map(lambda x, y: (fixed_view(x, fixed), y))
+    with progress.bar(int(images.cardinality()), f"features {description} {names}", "img") as bar:
         outputs, labels = predict_batches(network.extractor(), batches, progress=bar.update)
     for backbone, path in zip(network.backbones, paths):
         features = outputs[backbone.name]

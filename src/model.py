@@ -17,11 +17,15 @@ import tensorflow as tf
 from keras import layers
 
 from src import data
+from src.augment import RandomViews
 from src.spec import Augmentation, Head
 
 
 def build_augmentation(cfg: Augmentation, seed: int, name: str = "augmentation") -> keras.Sequential:
-    """Random flip, rotation, zoom and contrast on [0, 1] images; identity outside training."""
+    """Random flip, rotation, zoom and contrast on [0, 1] images, or the random-view policy; identity outside
+    training."""
+    if cfg.random_views:
+        return keras.Sequential([RandomViews(seed)], name=name)
     steps = []
     if cfg.horizontal_flip:
         steps.append(layers.RandomFlip("horizontal", seed=seed))

@@ -13,22 +13,25 @@ from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from src import features, plots, selection, spec, stats, track
+from src import features, plots, selection, shifts, spec, stats, track
 from src.backbone import load_backbone
 from src.data import Splits, load_splits, make_batches
 from src.evaluate import Evaluation, accuracy, evaluation
 from src.export import export_saved_model, log_pyfunc_model, size_mb
 from src.model import Network
 from src.spec import Job
-from src.stages import Context, CrossValidation, Fitted, Plan
+from src.stages import SHIFTED_VALIDATION, Context, CrossValidation, Fitted, Plan, selection_column
 from src.train import configure_cpu_devices, make_loss, make_strategy, precision, profiler
 from src.views import predict_views
 
 log = logging.getLogger(__name__)
+
+SHIFTED_TEST = "shifted_test"
 
 
 @dataclass
@@ -44,6 +47,10 @@ def prepare(cfg: DictConfig) -> tuple[Job, Inputs]:
     configure_cpu_devices(job.cpu_devices)  # before anything starts TensorFlow's devices
     strategy = make_strategy(job.strategy)
     splits = load_splits(job.data)
+    if job.select_on != "clean" or job.measure_shifts:
+        splits = splits.with_sample(SHIFTED_VALIDATION, "validation", job.shift_per_class, shifts.SEED)
+    if job.measure_shifts:
+        splits = splits.with_sample(SHIFTED_TEST, "test", job.shift_per_class, shifts.SEED)
     with strategy.scope():  # the backbones' variables are the strategy's (mirrored) variables
         backbones = [load_backbone(b) for b in job.backbones]
     return job, Inputs(splits, Network(backbones, job.input_size), strategy)
@@ -96,7 +103,11 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     if job.uses_feature_cache:
         views = {"train": job.train_views, "validation": {*job.tta, *(job.train_views if job.refit or job.cv_folds else ())},
                  "test": job.tta}
-        cached = features.load(inputs.network, inputs.splits, views, job.batch_size, job.cache_dir)
+        if job.select_on != "clean" or job.measure_shifts:
+            views[SHIFTED_VALIDATION] = shifted_views(job.tta if job.measure_shifts else ("identity",))
+        if job.measure_shifts:
+            views[SHIFTED_TEST] = shifted_views(job.tta)
+        cached = features.load(inputs.network, inputs.splits, views, job.batch_size, job.cache_dir, job.seed)
         metrics["time/features_s"] = time.perf_counter() - start  # ~0 once the cache holds them
     ctx = Context(job, inputs.splits, inputs.network, inputs.strategy, cached)
     plan = Plan(job)
@@ -105,14 +116,16 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     # before a refit, which retrains layers that the selected model shares with it
     validation = _evaluate(job, inputs, selected, "validation")
     # val/accuracy and val/loss name the per-epoch curves: the selected epoch's are val/accuracy_best, val/loss_at_best
-    metrics |= _selection_metrics(selected.curves) | {k: v for k, v in validation.metrics.items()
-                                                     if k not in ("val/accuracy", "val/loss")}
+    metrics |= _selection_metrics(selected.curves, job.select_on) | {k: v for k, v in validation.metrics.items()
+                                                                    if k not in ("val/accuracy", "val/loss")}
     if len(job.tta) > 1:
         metrics["val/accuracy_tta"] = accuracy(*selected.predict("validation", job.tta))
+    if job.measure_shifts:
+        metrics |= shifted_metrics(job, selected, SHIFTED_VALIDATION, "shifted/val/")
     cv = plan.cross_validate(ctx, job.cv_folds) if job.cv_folds else None
     if cv:
         metrics |= _cv_metrics(cv)
-    name, score = selection.objective(metrics)
+    name, score = selection.objective(metrics, job.select_on)
     metrics |= score
     mlflow.set_tag(selection.METRIC_TAG, name)
     final = plan.refit(ctx, (cv.budget,) if cv else selected.budgets) if job.refit else selected
@@ -122,11 +135,14 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     return Trained(final, selected.curves, validation, metrics)
 
 
-def _selection_metrics(curves: pd.DataFrame) -> dict[str, float]:
-    """The selected epoch (or grid value): the first with the best val accuracy."""
-    best = curves["val/accuracy"].idxmax()
+def _selection_metrics(curves: pd.DataFrame, select_on: str) -> dict[str, float]:
+    """The selected epoch (or grid value): the first with the best val accuracy (or selection value)."""
+    best = curves[selection_column(curves)].idxmax()
     metrics = {"val/accuracy_best": float(curves.loc[best, "val/accuracy"]),
                "val/loss_at_best": float(curves.loc[best, "val/loss"]), f"best_{curves.index.name}": best}
+    if select_on != "clean":
+        shifted = float(curves.loc[best, "val/shifted_accuracy"])
+        metrics |= {"val/shifted_accuracy_best": shifted, "val/mean_accuracy_best": (metrics["val/accuracy_best"] + shifted) / 2}
     if curves.index.name == "epoch":
         metrics["epochs_trained"] = len(curves)
     return metrics
@@ -150,15 +166,42 @@ def _evaluate(job: Job, inputs: Inputs, fitted: Fitted, split: str, views=("iden
 
 
 def test(job: Job, inputs: Inputs, final: Fitted) -> Evaluation:
-    """The test split, once, with the job's test-time views; and with one view when there are several."""
+    """The test split, once, with the job's test-time views; and with one view when there are several; and the
+    shifted test sample, when asked."""
     start = time.perf_counter()
     tested = _evaluate(job, inputs, final, "test", job.tta)
     if len(job.tta) > 1:
         single = _evaluate(job, inputs, final, "test")
         tested.metrics |= {"test/accuracy_single_view": single.metrics["test/accuracy"]}
         tested.predictions["predicted_single_view"] = single.predictions["predicted"]
+    if job.measure_shifts:
+        tested.metrics |= shifted_metrics(job, final, SHIFTED_TEST, "shifted/test/")
     tested.metrics["time/eval_s"] = time.perf_counter() - start
     return tested
+
+
+def shifted_view(condition: str, view: str) -> str:
+    """The view name of a fixed view of a shifted photo, e.g. shift:blur:2+flip."""
+    return f"shift:{condition}" + ("" if view == "identity" else f"+{view}")
+
+
+def shifted_views(views: tuple[str, ...]) -> list[str]:
+    """Every shift condition of src/shifts.py, each in each of `views`."""
+    return [shifted_view(c, v) for c in shifts.CONDITIONS for v in views]
+
+
+def shifted_metrics(job: Job, fitted: Fitted, sample: str, prefix: str) -> dict[str, float]:
+    """A model, as served (with its TTA views), on a shifted sample: accuracy per condition, and their mean with a
+    95 % bootstrap interval over the images (each image's share of the conditions it survives)."""
+    correct = []
+    for condition in shifts.CONDITIONS:
+        probabilities, labels = fitted.predict(sample, tuple(shifted_view(condition, v) for v in job.tta))
+        correct.append(probabilities.argmax(axis=1) == labels)
+    correct = np.array(correct)
+    low, high = stats.accuracy_interval(correct.mean(axis=0))
+    return {f"{prefix}accuracy": float(correct.mean()), f"{prefix}accuracy_ci_low": low,
+            f"{prefix}accuracy_ci_high": high,
+            **{prefix + c.replace(":", "_"): float(row.mean()) for c, row in zip(shifts.CONDITIONS, correct)}}
 
 
 def log_results(job: Job, inputs: Inputs, trained: Trained, tested: Evaluation, output_dir: Path) -> None:

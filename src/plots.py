@@ -167,6 +167,26 @@ def answer_counts(table: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
+def robustness(table: pd.DataFrame, clean: float, title: str) -> plt.Figure:
+    """Accuracy per shift (groups) and severity (bars), with its interval, against the clean accuracy (a line)."""
+    names = list(dict.fromkeys(table["shift"]))
+    severities = sorted(table["severity"].unique())
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(names) + 2), 4.8), constrained_layout=True)
+    width = 0.8 / len(severities)
+    for i, severity in enumerate(severities):
+        rows = table[table["severity"] == severity].set_index("shift").loc[names]
+        x = np.arange(len(names)) + (i - (len(severities) - 1) / 2) * width
+        ax.bar(x, rows["accuracy"], width, yerr=[rows["accuracy"] - rows["ci_low"], rows["ci_high"] - rows["accuracy"]],
+               capsize=2, label=f"severity {severity}", color=plt.get_cmap("Blues")(0.4 + 0.2 * i))
+    ax.axhline(clean, color="black", linestyle="--", linewidth=1, label=f"clean {clean:.3f}")
+    ax.set_xticks(np.arange(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right")
+    ax.set(ylabel="accuracy", ylim=(0, 1))
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
 def model_comparison(table: pd.DataFrame, title: str) -> plt.Figure:
     """Test accuracy, size and one-image latency per model (rows of `table`: model, test/accuracy, size_mb,
     latency_ms)."""

@@ -162,7 +162,8 @@ def _alive(pid: int) -> bool:
 
 
 class PruningCallback(keras.callbacks.Callback):
-    """Reports val accuracy to the trial after each epoch, and prunes it when the pruner says so."""
+    """Reports what the job selects on (val accuracy, or val_selection with trainer.select_on) to the trial after each
+    epoch, and prunes it when the pruner says so."""
 
     def __init__(self, sweeper_cfg: DictConfig, trial_number: int):
         super().__init__()
@@ -178,10 +179,11 @@ class PruningCallback(keras.callbacks.Callback):
         mlflow.set_tags({"optuna.study": self.study_name, "optuna.trial": str(self.trial.number)})
 
     def on_epoch_end(self, epoch, logs=None):
-        self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
+        value = float(logs.get("val_selection", logs["val_accuracy"]))  # what the job selects on
+        self.trial.report(value, step=epoch + 1)
         if self.trial.should_prune():
             mlflow.set_tag("optuna.state", "PRUNED")
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val accuracy {logs['val_accuracy']:.4f}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {value:.4f}")
 
 
 def log_study(study: optuna.Study, storage: str | None) -> None:

@@ -2,7 +2,8 @@
 runs table they all read.
 
 A run's score is what it is selected on: its k-fold cross-validation accuracy on train + validation when it ran
-one (trainer.cv_folds), else its best val accuracy. Its loss is the matching loss. Runs are ordered by score
+one (trainer.cv_folds), else its val accuracy at the selected epoch: on validation as it is, on the shifted
+validation images, or their mean (trainer.select_on). Its loss is the matching loss. Runs are ordered by score
 (higher first), then loss (lower first), then start time (earlier first), so that no tie is ever broken by hand.
 Test metrics play no part.
 """
@@ -28,11 +29,14 @@ RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SCORE}": SCORE, f"metrics.{L
            "tags.selection.metric": "selection_metric",
            "metrics.val/accuracy_best": "val/accuracy_best", "metrics.val/accuracy_ci_low": "val/accuracy_ci_low",
            "metrics.val/accuracy_ci_high": "val/accuracy_ci_high", "metrics.val/loss_at_best": "val/loss_at_best",
-           "metrics.val/accuracy_tta": "val/accuracy_tta", "metrics.cv/accuracy": "cv/accuracy",
+           "metrics.val/accuracy_tta": "val/accuracy_tta", "metrics.val/shifted_accuracy_best": "val/shifted_accuracy",
+           "metrics.cv/accuracy": "cv/accuracy",
            "metrics.test/accuracy": "test/accuracy", "metrics.test/accuracy_ci_low": "test/accuracy_ci_low",
            "metrics.test/accuracy_ci_high": "test/accuracy_ci_high",
            "metrics.test/mean_class_accuracy": "test/mean_class_accuracy",
            "metrics.test/accuracy_single_view": "test/accuracy_single_view",
+           "metrics.shifted/val/accuracy": "shifted/val/accuracy",
+           "metrics.shifted/test/accuracy": "shifted/test/accuracy",
            "metrics.test/top5_accuracy": "test/top5_accuracy",
            "metrics.best_epoch": "best_epoch", "metrics.best_C": "best_C", "metrics.epochs_trained": "epochs_trained",
            "metrics.time/train_s": "time/train_s", "metrics.model/size_mb": "model/size_mb", "tags.error": "error",
@@ -47,10 +51,16 @@ NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "par
 INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch")
 
 
-def objective(metrics: dict[str, float]) -> tuple[str, dict[str, float]]:
-    """The name of the metric a run is selected on, and its score and loss, from the run's selection metrics."""
-    name, loss = ("cv/accuracy", "cv/loss") if "cv/accuracy" in metrics else ("val/accuracy_best", "val/loss_at_best")
-    return name, {SCORE: metrics[name], LOSS: metrics[loss]}
+OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_best", "mean": "val/mean_accuracy_best"}
+
+
+def objective(metrics: dict[str, float], select_on: str = "clean") -> tuple[str, dict[str, float]]:
+    """The name of the metric a run is selected on, and its score and loss, from the run's selection metrics.
+    `select_on` (trainer.select_on) picks validation as it is, shifted, or their mean."""
+    if "cv/accuracy" in metrics:
+        return "cv/accuracy", {SCORE: metrics["cv/accuracy"], LOSS: metrics["cv/loss"]}
+    name = OBJECTIVES[select_on]
+    return name, {SCORE: metrics[name], LOSS: metrics["val/loss_at_best"]}
 
 
 def best_first(runs: pd.DataFrame) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from src.config import CONF_DIR, UserError, check
 from src.views import parse_views
 
 HEADS = ("dense", "logistic_regression")
+SELECT_ON = ("clean", "shifted", "mean")
 REFIT_BUDGETS = ("epochs", "steps")
 STRATEGIES = ("default", "mirrored")
 
@@ -35,12 +36,14 @@ class Backbone:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random layers between the resize and the backbone, active in training only."""
+    """Random layers between the resize and the backbone, active in training only: the classic flip, rotation,
+    zoom and contrast, or `random_views`, src/augment.py's policy (the one the cache's random views draw from)."""
     enabled: bool
     horizontal_flip: bool
     rotation: float  # fraction of a full turn
     zoom: float
     contrast: float
+    random_views: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class Job:
     finetune: Finetune | None
     refit: str | None  # None, or the budget a refit on train + validation replays: "epochs" or "steps"
     cv_folds: int | None  # k-fold cross-validation on train + validation selects, instead of validation alone
+    select_on: str  # clean, shifted or mean: validation as it is, under the shifts of src/shifts.py, or their mean
+    shift_per_class: int  # the shifted validation and test sets: this many images of each class
+    measure_shifts: bool  # measure the selected model on the shifted validation sample, the final one on shifted test
     feature_cache: bool
     strategy: str
     cpu_devices: int | None
@@ -151,14 +157,18 @@ class Job:
         job = cls(
             run_name=run_name(cfg), data=_read_only(cfg.data), backbones=resolve_backbones(cfg), head=head,
             augmentation=Augmentation(**{k: model.augmentation[k] for k in
-                                         ("enabled", "horizontal_flip", "rotation", "zoom", "contrast")}),
-            tta=parse_views(model.tta, "model.tta"), train_views=parse_views(model.train_views, "model.train_views"),
+                                         ("enabled", "horizontal_flip", "rotation", "zoom", "contrast")},
+                                      random_views=model.augmentation.get("random_views", False)),
+            tta=parse_views(model.tta, "model.tta"),
+            train_views=parse_views(model.train_views, "model.train_views", random=True),
             optimizer=optimizer, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed,
             patience=trainer.early_stopping.patience,
             finetune=Finetune(cfg.finetune.lr_scale, cfg.finetune.epochs, cfg.finetune.patience)
             if cfg.finetune.enabled else None,
             refit=trainer.get("refit_budget", "epochs") if trainer.refit else None,
-            cv_folds=trainer.get("cv_folds"), feature_cache=trainer.feature_cache, strategy=trainer.strategy,
+            cv_folds=trainer.get("cv_folds"), select_on=trainer.get("select_on", "clean"),
+            shift_per_class=cfg.robustness.per_class, measure_shifts=cfg.robustness.measure,
+            feature_cache=trainer.feature_cache, strategy=trainer.strategy,
             cpu_devices=trainer.cpu_devices, mixed_precision=trainer.mixed_precision, profile=trainer.profile,
             verbose=trainer.verbose, export=Export(**cfg.export), cache_dir=Path(cfg.paths.cache_dir),
             config=_read_only(cfg))
@@ -189,7 +199,8 @@ def run_name(cfg: DictConfig) -> str:
         (str(model.get("head")), model.get("head", "dense") != "dense"),
         ("finetune", cfg.finetune.enabled),
         (f"tta_{model.tta}", model.tta != "none"),
-        (f"views_{model.train_views}", model.train_views != "none"),
+        (f"views_{str(model.train_views).replace(':', '')}", model.train_views != "none"),
+        (f"select_{trainer.get('select_on')}", trainer.get("select_on", "clean") != "clean"),
         (f"cv{trainer.get('cv_folds')}", trainer.get("cv_folds") is not None),
         ("refit" + ("_steps" if trainer.get("refit_budget", "epochs") == "steps" else ""), trainer.refit)) if on]
     lr = [] if model.get("head", "dense") == "logistic_regression" else [f"lr{cfg.lr:g}", f"bs{cfg.batch_size}"]
@@ -253,11 +264,15 @@ def _check_values(cfg: DictConfig) -> None:
     check(cfg, "finetune.epochs", lambda v: v >= 1, "a positive integer, e.g. finetune.epochs=10", int)
     check(cfg, "finetune.patience", lambda v: v >= 0, "a non-negative integer, e.g. finetune.patience=3", int)
     for key in ("trainer.mixed_precision", "trainer.profile", "trainer.refit", "trainer.feature_cache",
-                "finetune.enabled", "model.normalize_features", "model.augmentation.enabled"):
+                "finetune.enabled", "model.normalize_features", "model.augmentation.enabled",
+                "model.augmentation.random_views"):
         _check_bool(cfg, key)
     _check_choice(cfg, "model.head", HEADS, "dense")
     _check_choice(cfg, "trainer.refit_budget", REFIT_BUDGETS, "epochs")
     _check_choice(cfg, "trainer.strategy", STRATEGIES)
+    _check_choice(cfg, "trainer.select_on", SELECT_ON, "clean")
+    check(cfg, "robustness.per_class", lambda v: v >= 1, "a positive integer, e.g. robustness.per_class=10", int)
+    _check_bool(cfg, "robustness.measure")
     if cfg.trainer.get("cv_folds") is not None:
         check(cfg, "trainer.cv_folds", lambda v: v >= 2, "null or an integer of at least 2, e.g. trainer.cv_folds=5",
                int)
@@ -280,6 +295,10 @@ def _check_combinations(job: Job) -> None:
     if job.cv_folds and job.finetune:
         raise UserError("trainer.cv_folds does not cross-validate fine-tuning; set finetune.enabled=false, "
                         "or trainer.cv_folds=null")
+    if job.select_on != "clean" and (not job.uses_feature_cache or job.finetune or job.cv_folds):
+        raise UserError(f"trainer.select_on={job.select_on} selects on cached features of the shifted validation "
+                        "images: keep the backbones frozen, augmentation off, finetune.enabled=false and "
+                        "trainer.cv_folds=null, or use trainer.select_on=clean")
     if job.head.kind == "logistic_regression":
         if not job.uses_feature_cache:
             raise UserError("model=logistic_regression trains on cached features: keep the backbone frozen, "

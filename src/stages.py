@@ -33,7 +33,7 @@ from src.features import Features
 from src.model import Network, build_head, normalization, predict_batches
 from src.spec import Job
 from src.train import Schedule, compile_model, fit
-from src.views import predict_views, view
+from src.views import fixed_view, predict_views, split_view, viewed_images
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,11 @@ class DenseHead:
                 compile_model(head, job.optimizer, job.lr, job.head.label_smoothing)
             train = _feature_batches(ctx.features.stack(rnd.train, job.train_views), job.batch_size, job.seed)
             validation = rnd.validation and _feature_batches(ctx.features.get(rnd.validation), job.batch_size)
-            history = fit(head, train, validation, Schedule(epochs, patience), rnd.callbacks, job.verbose)
+            callbacks, monitor = rnd.callbacks, "val_accuracy"
+            if rnd.validation and job.select_on != "clean":
+                callbacks = (ShiftedValidation(head, ctx.features, job.select_on), *callbacks)
+                monitor = "val_selection"
+            history = fit(head, train, validation, Schedule(epochs, patience, monitor=monitor), callbacks, job.verbose)
             model, predict = network.classifier(head), _feature_predictor(head, ctx.features, job.batch_size)
         else:
             with ctx.strategy.scope():
@@ -109,7 +113,7 @@ class DenseHead:
                           rnd.callbacks, job.verbose)
             predict = _image_predictor(ctx, model)
         curves = _curves(history)
-        selected = int(curves["val/accuracy"].idxmax()) if patience is not None else epochs
+        selected = int(curves[selection_column(curves)].idxmax()) if patience is not None else epochs
         return Fitted(model, predict, curves, ({"epochs": selected},))
 
 
@@ -126,6 +130,7 @@ class LogisticRegressionHead:
         x, y = features.stack(rnd.train, job.train_views)
         x = prepared(x)
         grid = [budget["C"]] if budget else sorted(job.head.c_grid)
+        shifted = shifted_validation(features) if rnd.validation and job.select_on != "clean" else None
         rows, models = [], []
         for c in grid:
             classifier = LogisticRegression(C=c, max_iter=job.head.max_iter).fit(x, y)
@@ -133,6 +138,11 @@ class LogisticRegressionHead:
             if rnd.validation:
                 row |= _scores(classifier, prepared(features.get(rnd.validation)[0]),
                                features.get(rnd.validation)[1], ctx.num_classes, "val")
+                if shifted is not None:
+                    row["val/shifted_accuracy"] = _scores(classifier, prepared(shifted[0]), shifted[1],
+                                                          ctx.num_classes, "shifted")["shifted/accuracy"]
+                    row["val/selection"] = selection_value(job.select_on, row["val/accuracy"],
+                                                           row["val/shifted_accuracy"])
             rows.append(row)
             models.append(classifier)
             log.info("logistic regression C=%g: %s", c, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "C"))
@@ -141,7 +151,7 @@ class LogisticRegressionHead:
             for step, row in enumerate(rows, start=1):
                 mlflow.log_metrics({"c_grid/C": row["C"], "c_grid/val_accuracy": row["val/accuracy"],
                                     "c_grid/val_loss": row["val/loss"]}, step=step)
-        best = 0 if budget else int(np.argmax(curves["val/accuracy"].to_numpy()))
+        best = 0 if budget else int(np.argmax(curves[selection_column(curves)].to_numpy()))
         head = self._head(ctx, models[best])
         return Fitted(ctx.network.classifier(head), _feature_predictor(head, features, job.batch_size), curves,
                       ({"C": float(grid[best])},))
@@ -257,9 +267,42 @@ class Plan:
 
     def _matched_epochs(self, ctx: Context, epochs: int) -> int:
         """`epochs` on train, as an epoch count on train + validation with about the same number of steps."""
-        sizes = {name: int(getattr(ctx.splits, name).cardinality()) for name in ("train", "validation")}
+        sizes = {name: int(ctx.splits.get(name).cardinality()) for name in ("train", "validation")}
         batches = lambda n: math.ceil(n * len(self.job.train_views) / self.job.batch_size)  # noqa: E731
         return max(1, round(epochs * batches(sizes["train"]) / batches(sizes["train"] + sizes["validation"])))
+
+
+SHIFTED_VALIDATION = "shifted_validation"
+
+
+def selection_column(curves: pd.DataFrame) -> str:
+    """The curve that selects: val/selection when the job selects on shifted validation too, else val/accuracy."""
+    return "val/selection" if "val/selection" in curves else "val/accuracy"
+
+
+def selection_value(select_on: str, clean: float, shifted: float) -> float:
+    return {"clean": clean, "shifted": shifted, "mean": (clean + shifted) / 2}[select_on]
+
+
+def shifted_validation(features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """The shifted validation sample's features under every condition, stacked, and their labels."""
+    names = [v for split, v in features.arrays if split == SHIFTED_VALIDATION and v.startswith("shift:")]
+    return features.stack((SHIFTED_VALIDATION,), names)
+
+
+class ShiftedValidation(keras.callbacks.Callback):
+    """After each epoch, the head's accuracy on the shifted validation sample (all conditions together, which is
+    their mean: each holds the same images) as val_shifted_accuracy, and what selects as val_selection."""
+
+    def __init__(self, head: keras.Model, features: Features, select_on: str):
+        super().__init__()
+        self.head, self.select_on = head, select_on
+        self.features, self.labels = shifted_validation(features)
+
+    def on_epoch_end(self, epoch, logs=None):
+        probabilities = self.head.predict(self.features, batch_size=4096, verbose=0)
+        logs["val_shifted_accuracy"] = float((probabilities.argmax(axis=1) == self.labels).mean())
+        logs["val_selection"] = selection_value(self.select_on, logs["val_accuracy"], logs["val_shifted_accuracy"])
 
 
 def _curves(history: keras.callbacks.History, first: int = 0) -> pd.DataFrame:
@@ -285,22 +328,43 @@ def _feature_predictor(head: keras.Model, features: Features, batch_size: int) -
 def _training_batches(ctx: Context, names: tuple[str, ...]) -> tf.data.Dataset:
     """Shuffled training batches of the named splits, each image in every one of the job's training views."""
     job = ctx.job
-    ds = getattr(ctx.splits, names[0])
+    ds = ctx.splits.get(names[0])
     for name in names[1:]:
-        ds = ds.concatenate(getattr(ctx.splits, name))
-    batches = make_batches(ds, ctx.network.input_size, job.batch_size, cache=job.data.cache, shuffle_seed=job.seed)
+        ds = ds.concatenate(ctx.splits.get(name))
+
+    def batches(images):
+        return make_batches(images, ctx.network.input_size, job.batch_size, cache=job.data.cache, shuffle_seed=job.seed)
+
+    plain = batches(ds)
     if len(job.train_views) == 1:
-        return batches
-    return tf.data.Dataset.sample_from_datasets(
-        [batches.map(lambda images, labels, v=v: (view(images, v), labels)) for v in job.train_views], seed=job.seed)
+        return plain
+    streams = []
+    for name in job.train_views:
+        image, fixed = split_view(name)
+        source = batches(viewed_images(ds, image, job.seed)) if image else plain
+        streams.append(source.map(lambda images, labels, fixed=fixed: (fixed_view(images, fixed), labels)))
+    return tf.data.Dataset.sample_from_datasets(streams, seed=job.seed)
 
 
 def _split_batches(ctx: Context, name: str) -> tf.data.Dataset:
-    return make_batches(getattr(ctx.splits, name), ctx.network.input_size, ctx.job.batch_size, cache=ctx.job.data.cache)
+    return make_batches(ctx.splits.get(name), ctx.network.input_size, ctx.job.batch_size, cache=ctx.job.data.cache)
 
 
 def _image_predictor(ctx: Context, model: keras.Model) -> Predictor:
+    """Through the images: one decode per image view, its fixed views averaged in one graph."""
     def predict(split, views):
-        return predict_batches(lambda images, training=False: predict_views(model, images, views),
-                               make_batches(getattr(ctx.splits, split), ctx.network.input_size, ctx.job.batch_size))
+        groups = {}
+        for name in views:
+            image, fixed = split_view(name)
+            groups.setdefault(image, []).append(fixed)
+        outputs = []
+        for image, fixed in groups.items():
+            images = ctx.splits.get(split)
+            images = viewed_images(images, image, ctx.job.seed) if image else images
+            outputs.append(predict_batches(lambda x, training=False, fixed=fixed: predict_views(model, x, fixed),
+                                           make_batches(images, ctx.network.input_size, ctx.job.batch_size)))
+        if len(outputs) == 1:
+            return outputs[0]
+        weights = [len(fixed) for fixed in groups.values()]
+        return np.average([p for p, _ in outputs], axis=0, weights=weights), outputs[0][1]
     return predict

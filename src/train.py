@@ -83,23 +83,25 @@ def one_hot(batches: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
 @dataclass(frozen=True)
 class Schedule:
     """Train from epoch `initial_epoch` up to epoch `epochs`; with `patience`, stop after that many epochs without
-    progress in val accuracy and restore the best epoch's weights."""
+    progress in `monitor` (a metric that a callback before early stopping may add) and restore the best epoch's
+    weights."""
     epochs: int
     patience: int | None = None
     initial_epoch: int = 0
+    monitor: str = "val_accuracy"
 
 
 def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset | None, schedule: Schedule,
         callbacks=(), verbose: int = 1) -> keras.callbacks.History:
     """Fit on train batches of (inputs, int labels). With validation, record val loss and accuracy per epoch and
     stop early if the schedule has a patience; without patience (a refit, or cross-validation's fixed budget),
-    train every epoch."""
+    train every epoch. Early stopping comes after `callbacks`, so that it sees the metrics they add."""
     num_classes = model.output_shape[-1]
     callbacks = list(callbacks)
     if validation is not None:
         if schedule.patience is not None:
-            callbacks.insert(0, keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", verbose=1,
-                                                              patience=schedule.patience, restore_best_weights=True))
+            callbacks.append(keras.callbacks.EarlyStopping(monitor=schedule.monitor, mode="max", verbose=1,
+                                                           patience=schedule.patience, restore_best_weights=True))
         validation = one_hot(validation, num_classes)
     return model.fit(one_hot(train, num_classes), validation_data=validation, epochs=schedule.epochs,
                      initial_epoch=schedule.initial_epoch, callbacks=callbacks, verbose=verbose,

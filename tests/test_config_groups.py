@@ -15,7 +15,7 @@ OPTIONS = sorted((group.name, path.relative_to(group).with_suffix("").as_posix()
 
 def test_every_group_has_options():
     assert {group for group, _ in OPTIONS} == {
-        "backbone", "data", "experiment", "export", "hparams_search", "model", "paths", "registry", "serve",
+        "backbone", "data", "experiment", "export", "hparams_search", "model", "paths", "registry", "robustness", "serve",
         "technique", "tracking", "trainer"}
 
 

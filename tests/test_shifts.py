@@ -1,0 +1,106 @@
+"""The shifts of photos from elsewhere, and the random views trained against them: each is deterministic for a
+seed and changes the image as it says."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from src import augment, shifts
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A 120 x 160 test card: a bright disc (the flower) on a darker, textured background."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:120, :160]
+    image = np.clip(rng.normal(70, 20, (120, 160, 3)), 0, 255)
+    disc = (y - 60) ** 2 + (x - 80) ** 2 < 35 ** 2
+    image[disc] = [230, 200, 40]
+    return tf.constant(image.astype(np.uint8))
+
+
+def disc_fraction(image) -> float:
+    """The share of the frame the yellow disc takes."""
+    pixels = np.asarray(image).astype(int)
+    return float(((pixels[..., 0] > 215) & (pixels[..., 1] > 185) & (pixels[..., 2] < 70)).mean())
+
+
+@pytest.mark.parametrize("condition", shifts.CONDITIONS)
+def test_each_shift_is_deterministic_for_a_seed_and_changes_the_image(photo, condition):
+    first = shifts.apply(photo, condition, index=3).numpy()
+    assert first.dtype == np.uint8 and first.ndim == 3 and first.shape[2] == 3
+    np.testing.assert_array_equal(first, shifts.apply(photo, condition, index=3).numpy())
+    if first.shape == photo.shape:
+        assert np.abs(first.astype(int) - photo.numpy()).mean() > 1, condition
+
+
+def test_the_draws_depend_on_the_image_index_and_the_seed(photo):
+    by_index = {shifts.apply(photo, "off_centre:2", index=i).numpy().tobytes() for i in range(6)}
+    assert len(by_index) > 1
+    assert not np.array_equal(shifts.apply(photo, "off_centre:2", 0, seed=1), shifts.apply(photo, "off_centre:2", 0, seed=2))
+
+
+def test_zoom_out_makes_the_flower_smaller_in_the_frame_the_more_severe(photo):
+    fractions = [disc_fraction(shifts.apply(photo, f"zoom_out:{s}", index=0)) for s in shifts.SEVERITIES]
+    full = disc_fraction(photo)
+    # the disc's area scales with the square of the side: 0.75, 0.55, 0.4
+    np.testing.assert_allclose(fractions, [full * 0.75 ** 2, full * 0.55 ** 2, full * 0.4 ** 2], rtol=0.15)
+
+
+def disc_centre(image) -> np.ndarray:
+    pixels = np.asarray(image).astype(int)
+    ys, xs = np.nonzero((pixels[..., 0] > 215) & (pixels[..., 1] > 185) & (pixels[..., 2] < 70))
+    return np.array([ys.mean() / pixels.shape[0], xs.mean() / pixels.shape[1]])
+
+
+def test_off_centre_crops_move_the_flower_off_centre_and_low_resolution_shrinks_the_photo(photo):
+    for index in range(5):
+        cropped = shifts.apply(photo, "off_centre:3", index=index)
+        assert np.abs(disc_centre(cropped) - 0.5).max() > 0.15  # the disc, once in the middle, is now off it
+        assert np.abs(disc_centre(photo) - 0.5).max() < 0.01
+    small = shifts.apply(photo, "low_resolution:3", index=0)
+    assert tuple(small.shape) == (40, 53, 3)  # the short side at 40 pixels, the aspect kept
+
+
+def test_colour_brightness_blur_and_jpeg_change_what_they_say(photo):
+    original = photo.numpy().astype(float)
+    warm_or_cool = shifts.apply(photo, "colour_temperature:3", index=0).numpy().astype(float)
+    red_vs_blue = (warm_or_cool[..., 0] - warm_or_cool[..., 2]).mean() - (original[..., 0] - original[..., 2]).mean()
+    assert abs(red_vs_blue) > 10  # red and blue pulled apart, one way or the other
+    for index in range(4):  # darker or brighter, the contrast cut to 35 %: spread relative to the mean falls
+        changed = shifts.apply(photo, "brightness_contrast:3", index=index).numpy().astype(float)
+        assert changed.std() / changed.mean() < 0.6 * original.std() / original.mean()
+        assert abs(changed.mean() - original.mean()) > 0.25 * original.mean()
+    blurred = shifts.apply(photo, "blur:3", index=0).numpy().astype(float)
+    assert np.abs(np.diff(blurred, axis=1)).mean() < 0.5 * np.abs(np.diff(original, axis=1)).mean()
+    low_quality = shifts.apply(photo, "jpeg:3", index=0).numpy().astype(float)
+    assert 2 < np.abs(low_quality - original).mean() < 40
+
+
+def test_rotation_turns_the_photo_and_keeps_its_size(photo):
+    turned = shifts.apply(photo, "rotation:3", index=0).numpy()
+    assert turned.shape == photo.shape
+    # a 45-degree turn moves the corner content; the disc at the centre stays about the same size
+    assert disc_fraction(turned) == pytest.approx(disc_fraction(photo), rel=0.1)
+    assert not np.array_equal(turned[:10, :10], photo.numpy()[:10, :10])
+
+
+def test_random_views_are_seeded_crops_zoom_outs_colour_jitter_and_mirrors(photo):
+    views = [augment.random_view(photo, tf.constant([7, i], tf.int64)).numpy() for i in range(40)]
+    assert all(v.shape == photo.shape and v.dtype == np.uint8 for v in views)
+    np.testing.assert_array_equal(views[0], augment.random_view(photo, tf.constant([7, 0], tf.int64)).numpy())
+    assert len({v.tobytes() for v in views}) == 40
+    fractions = np.array([disc_fraction(v) for v in views])
+    full = disc_fraction(photo)
+    assert (fractions < 0.9 * full).any() and (fractions > 1.1 * full).any()  # zoom-outs and crops both occur
+    floats = augment.random_view(tf.cast(photo, tf.float32) / 255, tf.constant([7, 0], tf.int64)).numpy()
+    np.testing.assert_allclose(floats * 255, views[0], atol=1.01)  # the same view of a [0, 1] image
+
+
+def test_the_random_views_layer_draws_fresh_views_in_training_only(photo):
+    layer = augment.RandomViews(seed=3)
+    batch = tf.cast(tf.stack([photo, photo]), tf.float32) / 255
+    np.testing.assert_array_equal(layer(batch, training=False), batch)
+    first, second = layer(batch, training=True).numpy(), layer(batch, training=True).numpy()
+    assert first.shape == batch.shape and not np.allclose(first, second)
+    assert not np.allclose(first[0], first[1])  # each image of the batch its own view
