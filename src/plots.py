@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib
 
@@ -43,6 +44,7 @@ def confusion_matrix(confusion: np.ndarray, class_names: list[str], title: str) 
 
 
 def image_grid(images, titles: list[str], title: str, colors: list[str] | None = None, cols: int = 4) -> plt.Figure:
+    """The images in a grid, each with its title; the figure's title wrapped to the grid's width."""
     cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), constrained_layout=True, squeeze=False)
@@ -51,7 +53,7 @@ def image_grid(images, titles: list[str], title: str, colors: list[str] | None =
     for ax, image, text, color in zip(axes.flat, images, titles, colors or ["black"] * len(images)):
         ax.imshow(image)
         ax.set_title(text, color=color, fontsize=9)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(14 * cols))), fontsize=11)
     return fig
 
 
@@ -70,43 +72,50 @@ def dataset_examples(images: list[np.ndarray], labels: list[int], class_names: l
     return image_grid(images, [f"{class_names[label]} ({label})" for label in labels], title, cols=5)
 
 
-def validation_curves(curves: dict[str, pd.Series], best: str, title: str) -> plt.Figure:
-    """Val accuracy per epoch, one line per run (keyed by its label); the best run, selected on validation,
-    drawn thick and black."""
+def validation_curves(curves: dict[str, pd.Series], groups: dict[str, str], best: str, title: str) -> plt.Figure:
+    """Val accuracy per epoch, one line per run (keyed by its label), coloured by its configuration (`groups`: run
+    label -> a short configuration label), which the legend names; the best run, selected on validation, thick and
+    black."""
     fig, ax = plt.subplots(figsize=(11, 5.5), constrained_layout=True)
-    colors = plt.get_cmap("tab20").colors
-    for i, (name, curve) in enumerate(sorted(curves.items())):
-        style = {"color": "black", "linewidth": 2.5, "zorder": 3} if name == best else \
-            {"color": colors[i % len(colors)], "linewidth": 1.2, "alpha": 0.8}
-        ax.plot(curve.index, curve.values, label=f"{name} (best)" if name == best else name, **style)
+    colors = plt.get_cmap("tab10").colors
+    configurations = sorted(set(groups.values()))
+    for name, curve in sorted(curves.items()):
+        color = colors[configurations.index(groups[name]) % len(colors)]
+        ax.plot(curve.index, curve.values, color=color, linewidth=1.2, alpha=0.7)
+    ax.plot(curves[best].index, curves[best].values, color="black", linewidth=2.5, zorder=3)
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], label=label) for i, label in enumerate(configurations)]
+    handles.append(plt.Line2D([], [], color="black", linewidth=2.5, label=f"best: {groups[best]}"))
     # the first epochs' low values would squeeze the part where runs differ: start 0.1 below the worst run's best
     low = max(0.0, min(curve.max() for curve in curves.values()) - 0.1)
     ax.set(xlabel="epoch", ylabel="val accuracy", title=title, ylim=(low, None))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, ncols=1 if len(curves) <= 24 else 2)
+    ax.legend(handles=handles, loc="lower right", fontsize=8, ncols=1 if len(handles) <= 8 else 2)
     return fig
 
 
 def accuracy_bars(summary: pd.DataFrame, group: str, title: str) -> plt.Figure:
-    """Mean val and test accuracy per `group` value, with error bars of one standard deviation over its runs.
-    `summary` has columns `group`, n, and <metric>_mean / <metric>_std for val/accuracy_best and test/accuracy."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(summary) + 2), 5), constrained_layout=True)
+    """Mean val and test accuracy per `group` value, with error bars of one standard deviation over its runs and the
+    values printed; the axis zoomed to the data, since the differences are a few points. `summary` has columns
+    `group`, n, and <metric>_mean / <metric>_std for val/accuracy_best and test/accuracy."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(summary) + 2), 5), constrained_layout=True)
     x, width = np.arange(len(summary)), 0.38
-    for offset, (metric, label, color, text_color) in zip((-width / 2, width / 2), (
-            ("val/accuracy_best", "val (selects)", "#9ecae1", "black"),
-            ("test/accuracy", "test (reported)", "#3182bd", "white"))):
-        means, stds = summary[f"{metric}_mean"], summary[f"{metric}_std"].where(summary["n"] > 1)
-        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=label, color=color)  # none for n=1
-        ax.bar_label(bars, labels=[f"{m:.3f}" + (f"\n±{s:.3f}" if n > 1 else "")
-                                   for m, s, n in zip(means, stds, summary["n"])],
-                     label_type="center", fontsize=8, color=text_color)
+    tops, bottoms = [], []
+    for offset, (metric, label, color) in zip((-width / 2, width / 2), (
+            ("val/accuracy_best", "val (selects)", "#9ecae1"), ("test/accuracy", "test (reported)", "#3182bd"))):
+        means, stds = summary[f"{metric}_mean"], summary[f"{metric}_std"].where(summary["n"] > 1)  # none for n=1
+        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], padding=2, fontsize=8)
+        tops.append((means + stds.fillna(0)).max())
+        bottoms.append((means - stds.fillna(0)).min())
+    span = max(tops) - min(bottoms)
+    ax.set_ylim(max(0.0, min(bottoms) - 0.3 * span - 0.01), min(1.0, max(tops) + 0.15 * span + 0.01))
     ax.set_xticks(x, [f"{value}\n(n={n})".replace("+", "+\n") for value, n in zip(summary[group], summary["n"])],
                   fontsize=8)
-    ax.set(ylabel="accuracy", ylim=(0, 1.12))
+    ax.set_ylabel("accuracy (axis zoomed to the data)")
     ax.set_title(title, fontsize=10, wrap=True)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", ncols=2)
+    ax.legend(loc="lower right", ncols=2, fontsize=8)
     return fig
 
 

@@ -180,12 +180,18 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
 
 def _figures(client, experiment_name: str, table: pd.DataFrame, summary: pd.DataFrame, best, optuna_storage) -> dict:
     done = finished(table)
-    figures = {"validation_curves.png": plots.validation_curves(
-        _val_curves(client, done), _label(done, best.info.run_id), f"{experiment_name}: val accuracy per epoch")}
+    varying = [c for c in configuration_columns(table) if c in summary and summary[c].nunique(dropna=False) > 1]
+    groups = {_label(done, run_id): _row_label(row, varying) or row["run"] for run_id, (_, row)
+              in zip(done["run_id"], done.iterrows())}
+    curves = _val_curves(client, done)
+    figures = {}
+    if curves:
+        figures["validation_curves.png"] = plots.validation_curves(
+            curves, {name: groups[name] for name in curves}, _label(done, best.info.run_id),
+            f"{experiment_name}: val accuracy per epoch, one line per run")
     if "backbone" in summary:
         figures["accuracy_by_backbone.png"] = plots.accuracy_bars(
             by_backbone(summary), "backbone", f"{experiment_name}: accuracy per backbone (its best configuration)")
-    varying = [c for c in configuration_columns(table) if c in summary and summary[c].nunique(dropna=False) > 1]
     if set(varying) - {"backbone", "lr", "batch_size"} and len(summary) <= 14:  # techniques, not a grid or search
         labels = summary.assign(configuration=[_configuration_label(row, varying) for _, row in summary.iterrows()])
         figures["accuracy_by_configuration.png"] = plots.accuracy_bars(
@@ -201,19 +207,34 @@ def _figures(client, experiment_name: str, table: pd.DataFrame, summary: pd.Data
     return figures | _best_run_figures(best)
 
 
+# How a configuration column reads in labels: a word for a setting that is on, nothing for the default.
+SHOWN = {"head": lambda v: "logistic regression" if v == "logistic_regression" else None,
+         "augmentation": lambda v: "augmentation" if v == "True" else None,
+         "model.tta": lambda v: None if v == "none" else f"TTA {v}",
+         "model.train_views": lambda v: None if v == "none" else f"views {v}",
+         "trainer.refit": lambda v: "refit" if v == "True" else None,
+         "trainer.refit_budget": lambda v: "by steps" if v == "steps" else None,
+         "trainer.cv_folds": lambda v: None if v in ("None", "nan") else f"{v}-fold CV",
+         "trainer.select_on": lambda v: None if v == "clean" else f"select on {v}",
+         "finetune.enabled": lambda v: "fine-tuned" if v == "True" else None,
+         "model.augmentation.random_views": lambda v: "random-view augmentation" if v == "True" else None}
+
+
 def _configuration_label(row: pd.Series, columns: list[str]) -> str:
-    """One line per column that varies, e.g. `4 backbones`, `model.tta=flip`; fine-tuning's settings only where
-    it is on."""
+    """One line per setting that is on, e.g. `4 backbones`, `TTA crops`, `refit`; fine-tuning's settings only
+    where it is on; other columns as `name=value`."""
     lines = []
     for column in columns:
-        value = row[column]
+        value = str(row[column])
         if column.startswith("finetune.") and column != "finetune.enabled" and str(row.get("finetune.enabled")) != "True":
             continue
         if column == "backbone":
-            lines.append(f"{value.count('+') + 1} backbones" if "+" in str(value) else str(value))
-        else:
-            lines.append(f"{column}={value}")
-    return "\n".join(lines)
+            lines.append(f"{value.count('+') + 1} backbones" if "+" in value else value)
+        elif column in SHOWN:
+            lines.append(SHOWN[column](value))
+        elif column not in ("model.c_grid", "model.max_iter") or value != "nan":
+            lines.append(f"{column.rsplit('.', 1)[-1]}={value}")
+    return "\n".join(line for line in lines if line)
 
 
 def _readable(summary: pd.DataFrame) -> pd.DataFrame:

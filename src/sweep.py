@@ -8,12 +8,14 @@ writes the summary: a table of every job (CSV and markdown) and the best job, ch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -22,6 +24,8 @@ from src.config import UserError
 from src.track import SWEEP_RUN_ENV
 
 log = logging.getLogger(__name__)
+
+SWEEP_JOBS_ENV = "FLOWERS_SWEEP_JOBS"
 
 
 class MlflowSweepCallback(Callback):
@@ -34,6 +38,15 @@ class MlflowSweepCallback(Callback):
                   "git_commit": track.git_commit()})
         os.environ[SWEEP_RUN_ENV] = run.info.run_id
         log.info("MLflow sweep run %s in %s", run.info.run_id, config.tracking.uri)
+        jobs = grid_size(config)
+        if jobs:
+            os.environ[SWEEP_JOBS_ENV] = str(jobs)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        """Progress of a grid: "job 3/8" and the job's overrides (jobs may run in other processes)."""
+        if SWEEP_JOBS_ENV in os.environ and config.hydra.job.get("num") is not None:
+            log.info("job %d/%s: %s", config.hydra.job.num + 1, os.environ[SWEEP_JOBS_ENV],
+                     " ".join(config.hydra.overrides.task))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         run_id = os.environ.get(SWEEP_RUN_ENV)
@@ -48,9 +61,21 @@ class MlflowSweepCallback(Callback):
             log.info(outcome.message)
 
 
+def grid_size(config: DictConfig) -> int | None:
+    """How many jobs a grid sweep (Hydra's basic sweeper) runs: its params, replaced key by key by the command line.
+    None for other sweepers (the Optuna sweeper counts its own trials)."""
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(
+        [*params, *config.hydra.overrides.task])}
+    return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides.values())
+
+
 def end_sweep(status: str) -> None:
     """Summarise the sweep's run, whose id on_multirun_start left in the environment, and end it."""
     run_id = os.environ.pop(SWEEP_RUN_ENV, None)
+    os.environ.pop(SWEEP_JOBS_ENV, None)
     if run_id is None:
         return
     table = summarize(run_id)

@@ -79,14 +79,22 @@ def setup(cfg: DictConfig) -> str:
     return retry_on_race(lambda: _experiment_id(cfg))
 
 
+# The MLflow UI opens an experiment on the view its kind names; without the tag, MLflow 3 opens on its GenAI
+# overview (traces), one click away from the training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(cfg: DictConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
-    if experiment is not None:
-        return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
-    local = urlparse(cfg.uri).scheme not in ("http", "https", "databricks")
-    experiment_id = mlflow.create_experiment(
-        cfg.experiment_name, artifact_location=cfg.artifact_location if local else None)
-    return mlflow.set_experiment(experiment_id=experiment_id).experiment_id
+    if experiment is None:
+        local = urlparse(cfg.uri).scheme not in ("http", "https", "databricks")
+        mlflow.create_experiment(cfg.experiment_name, tags=EXPERIMENT_KIND,
+                                 artifact_location=cfg.artifact_location if local else None)
+        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    elif not set(EXPERIMENT_KIND) <= set(experiment.tags):
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
 
 
 @contextmanager

@@ -47,8 +47,16 @@ def evaluate(uri, *args):
                           text=True, timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
+def evaluation_runs():
+    """The ids of the evaluation runs in the current store (the module's tests share one)."""
+    return {run.info.run_id for run in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                          filter_string="tags.evaluation = 'true'")}
+
+
 def test_a_labelled_folder_is_scored_as_served_and_logged_as_an_evaluation_run(model, folder):
     uri, model_uri, run_id = model
+    mlflow.set_tracking_uri(uri)
+    before = evaluation_runs()
     result = evaluate(uri, "--model-uri", model_uri, "--folder", str(folder), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -59,9 +67,7 @@ def test_a_labelled_folder_is_scored_as_served_and_logged_as_an_evaluation_run(m
     assert out["accuracy"] == pytest.approx((kept["label"] == kept["predicted"]).mean())
     assert out["ci_low"] <= out["accuracy"] <= out["ci_high"]
 
-    mlflow.set_tracking_uri(uri)
-    [run] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.evaluation = 'true'",
-                               output_format="list")
+    [run] = [mlflow.get_run(run_id) for run_id in evaluation_runs() - before]
     assert run.data.params["model_uri"] == model_uri and run.data.metrics["n"] == 60
     assert run.data.metrics["accuracy"] == pytest.approx(out["accuracy"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -87,6 +93,8 @@ def test_folder_names_that_are_no_class_of_the_model_say_which_are_closest(model
 ])
 def test_bad_files_get_the_served_models_messages_and_nothing_is_logged(model, folder, content, message):
     uri, model_uri, _ = model
+    mlflow.set_tracking_uri(uri)
+    before = evaluation_runs()
     bad = folder / "blue" / "bad.jpg"
     good = next((folder / "blue").iterdir()).read_bytes()
     bad.write_bytes(content if content is not None else good[: len(good) // 2])
@@ -94,6 +102,4 @@ def test_bad_files_get_the_served_models_messages_and_nothing_is_logged(model, f
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {bad}: image ") and message in line and line.endswith("remove or replace the file")
-    mlflow.set_tracking_uri(uri)
-    assert not mlflow.search_runs(search_all_experiments=True, filter_string="tags.evaluation = 'true'",
-                                  output_format="list")
+    assert evaluation_runs() == before

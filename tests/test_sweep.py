@@ -2,6 +2,7 @@
 resume after SIGKILL, and parallel workers on the journal storage and on PostgreSQL."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,9 +59,11 @@ def sweep_jobs(tmp_path, tiny_backbone, *overrides):
 
 
 def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_path, tiny_backbone):
-    _, parent_id, jobs = sweep_jobs(tmp_path, tiny_backbone, "lr=0.01,0.05", "batch_size=16,32",
-                                    "model.dropout=0.1,0.3", "epochs=1", "model.augmentation.enabled=false")
+    result, parent_id, jobs = sweep_jobs(tmp_path, tiny_backbone, "lr=0.01,0.05", "batch_size=16,32",
+                                         "model.dropout=0.1,0.3", "epochs=1", "model.augmentation.enabled=false")
     assert len(jobs) == 8 and set(jobs["status"]) == {"FINISHED"}
+    progress = [line.split(" - ")[-1] for line in (result.stdout + result.stderr).splitlines() if "] - job " in line]
+    assert [line.split(":")[0] for line in progress] == [f"job {i}/8" for i in range(1, 9)]
     combos = set(zip(jobs["params.lr"], jobs["params.batch_size"], jobs["params.model.dropout"]))
     assert len(combos) == 8
     client = mlflow.MlflowClient()
@@ -117,10 +120,13 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def test_optuna_search_prunes_and_records_every_trial(tmp_path, tiny_backbone):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    sweep(tmp_path, tiny_backbone, *search(tmp_path, storage, 6))
+    result = sweep(tmp_path, tiny_backbone, *search(tmp_path, storage, 6))
     study = optuna.load_study(study_name="test_study", storage=storage)
     states = [t.state.name for t in study.trials]
     assert len(finished(study)) == 6 == len(states), states
+    progress = re.findall(r"(trial \d+/\d+) \((.*) so far\)", result.stdout + result.stderr)
+    assert [trial for trial, _ in progress] == [f"trial {i}/6" for i in range(1, 7)], result.stderr[-2000:]
+    assert progress[0][1] == "0 complete, 0 pruned, 0 fail"
     assert "PRUNED" in states and "COMPLETE" in states, states
     assert all(set(t.params) == {"lr", "batch_size", "model.dropout"} for t in study.trials)
 

@@ -19,6 +19,12 @@ def test_setup_creates_the_experiment_with_a_local_artifact_location(tracking_ur
     experiment_id = track.setup(cfg)
     experiment = mlflow.get_experiment(experiment_id)
     assert experiment.name == "exp-a" and experiment.artifact_location.endswith(f"{tmp_path}/art")
+    # the MLflow UI opens it on its training runs, not on MLflow 3's GenAI overview
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    client = mlflow.MlflowClient()
+    older = client.create_experiment("made-before")  # an experiment from before the tag: tagged on first use
+    track.setup(compose_config("tracking.experiment_name=made-before").tracking)
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
     assert track.setup(cfg) == experiment_id  # found, not created twice
     assert mlflow.get_tracking_uri() == tracking_uri
 

@@ -85,6 +85,8 @@ class OptunaSweeper(Sweeper):
                 continue
             overrides = [*arguments, *(f"{name}={_override(value)}" for name, value in values.items()),
                          f"+optuna_trial={trial.number}"]
+            log.info("trial %d/%d (%s so far): %s", trial.number + 1, self.cfg.n_trials, _states(study),
+                     " ".join(overrides[len(arguments):-1]))
             [job] = self.launcher.launch([overrides], initial_job_idx=trial.number)
             state, value = _outcome(job)
             study.tell(trial, value, state=state)
@@ -93,6 +95,14 @@ class OptunaSweeper(Sweeper):
             if failures >= self.cfg.max_failures_in_a_row:
                 raise RuntimeError(f"{failures} trials in a row failed; see the job logs in {self.config.hydra.sweep.dir}")
             returns.append(job)
+
+
+def _states(study: optuna.Study) -> str:
+    """e.g. "5 complete, 2 pruned, 0 failed", over the whole study (every worker)."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return ", ".join(f"{states.count(s)} {s.name.lower()}" for s in (optuna.trial.TrialState.COMPLETE,
+                                                                   optuna.trial.TrialState.PRUNED,
+                                                                   optuna.trial.TrialState.FAIL))
 
 
 def _override(value: Any) -> str:
