@@ -7,8 +7,14 @@ TFSERVING_PORT ?= 8501
 UI_PORT ?= 5000
 # The store train.py uses (conf/tracking/mlflow.yaml): MLFLOW_TRACKING_URI, or the project's mlflow.db.
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+# `make` alone lists the targets.
+.DEFAULT_GOAL := help
 
-.PHONY: install test train report compare evaluate robustness ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+.PHONY: help install test train report compare evaluate robustness ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+
+help:  ## list the targets with what each does (the default)
+	@echo "usage: make <target> [ARGS=\"...\"] [PORT=...] [UI_PORT=...]; start with make install"
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-22s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 install: $(VENV)/.installed  ## create .venv and install the pinned requirements
 
