@@ -46,6 +46,7 @@ robustness: install  ## a model under the shifts of photos from elsewhere; e.g. 
 	$(PYTHON) scripts/robustness.py $(if $(MODEL),--model-uri $(MODEL)) $(if $(FOLDER),--folder $(FOLDER)) $(ARGS)
 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
+	@echo "the training runs: pick an experiment, then 'Model training' in the sidebar (or add ?workflowType=machine_learning to its link)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
 
 register-best: install  ## register the best run as models:/flowers@champion; e.g. ARGS="--sweep <parent run id>"
