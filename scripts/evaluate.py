@@ -12,7 +12,6 @@ and CSV, each photo's answer, and a grid of the most confident mistakes. --json 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,11 +24,8 @@ from src import cli, external  # noqa: E402
 @cli.command
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.config()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-uri", default=f"models:/{cfg.registry.model_name}@champion")
+    parser = cli.model_parser(__doc__.splitlines()[0], cfg)
     parser.add_argument("--folder", type=Path, required=True, help="<folder>/<class name>/*.jpg")
-    parser.add_argument("--experiment", default=cfg.tracking.experiment_name, help="MLflow experiment of the run")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     model = external.load_model(args.model_uri)
     files, images, labels = external.read_folder(args.folder, model.unwrap_python_model().class_names)

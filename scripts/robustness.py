@@ -15,7 +15,6 @@ conditions), each with a 95 % bootstrap interval. --json prints the metrics.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,12 +28,9 @@ from src.config import UserError  # noqa: E402
 @cli.command
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.config()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-uri", default=f"models:/{cfg.registry.model_name}@champion")
+    parser = cli.model_parser(__doc__.splitlines()[0], cfg)
     parser.add_argument("--folder", type=Path, help="labelled photos, <folder>/<class name>/*, instead of test")
     parser.add_argument("--per-class", type=int, default=cfg.robustness.per_class, help="test images per class")
-    parser.add_argument("--experiment", default=cfg.tracking.experiment_name, help="MLflow experiment of the run")
-    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     args = parser.parse_args(argv)
     if args.per_class < 1:
         raise UserError(f"--per-class {args.per_class} is invalid: expected a positive number of images")

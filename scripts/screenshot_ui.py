@@ -24,7 +24,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow  # noqa: E402
-import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from src import track  # noqa: E402
 from src.config import PROJECT_ROOT, load_config  # noqa: E402
+from tests.helpers import free_port, wait_until_up  # noqa: E402
 
 EXPERIMENT = "demo-store-no-training"
 # Two demo runs: (name, params, metrics). Not results of this project: nothing was trained.
@@ -63,24 +62,6 @@ def demo_store(folder: Path) -> tuple[str, str]:
             mlflow.log_metrics(metrics)
     mlflow.set_tracking_uri(None)
     return uri, experiment_id
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"make ui did not come up on {url}")
 
 
 def stop_group(process: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -147,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                    env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_until_up(f"http://127.0.0.1:{port}/health", process)
+            if not wait_until_up(f"http://127.0.0.1:{port}/health", process):
+                raise RuntimeError(f"make ui did not come up on port {port}")
             query = "" if args.workflow_type == "none" else f"?workflowType={args.workflow_type}"
             png = screenshot(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}{query}",
                              [name for name, _, _ in RUNS], args.chromium, width, height)

@@ -3,6 +3,7 @@ error contract (bad input is one line on stderr, `error: <what to do>`, and exit
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -29,3 +30,12 @@ def config(*overrides: str) -> DictConfig:
     cfg = load_config(*overrides)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     return cfg
+
+
+def model_parser(description: str, cfg: DictConfig) -> argparse.ArgumentParser:
+    """The arguments of the scripts that score a logged model and log an evaluation run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-uri", default=f"models:/{cfg.registry.model_name}@champion")
+    parser.add_argument("--experiment", default=cfg.tracking.experiment_name, help="MLflow experiment of the run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser

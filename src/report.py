@@ -220,6 +220,11 @@ SHOWN = {"head": lambda v: "logistic regression" if v == "logistic_regression" e
          "model.augmentation.random_views": lambda v: "random-view augmentation" if v == "True" else None}
 
 
+# Settings that only one kind of head reads, left out of the other's labels; the summary's columns keep them all.
+HEAD_SETTINGS = {False: ("model.c_grid", "model.max_iter"),  # a Keras dense head
+                 True: ("model.c_grid", "model.max_iter", "dropout", "label_smoothing")}  # logistic regression
+
+
 def _configuration_label(row: pd.Series, columns: list[str]) -> str:
     """One line per setting that is on, e.g. `4 backbones`, `TTA crops`, `refit`; fine-tuning's settings only
     where it is on; other columns as `name=value`."""
@@ -232,7 +237,7 @@ def _configuration_label(row: pd.Series, columns: list[str]) -> str:
             lines.append(f"{value.count('+') + 1} backbones" if "+" in value else value)
         elif column in SHOWN:
             lines.append(SHOWN[column](value))
-        elif column not in ("model.c_grid", "model.max_iter") or value != "nan":
+        elif column not in HEAD_SETTINGS[str(row.get("head")) == "logistic_regression"]:
             lines.append(f"{column.rsplit('.', 1)[-1]}={value}")
     return "\n".join(line for line in lines if line)
 
