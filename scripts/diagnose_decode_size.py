@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from src import cli, features  # noqa: E402
+from src.model import normalization  # noqa: E402
 from src.pipeline import prepare  # noqa: E402
 
 BACKBONES = ["mobilenet_v1_100_224", "mobilenet_v2_100_224", "efficientnet_lite0_224", "efficientnet_lite2_260"]
@@ -34,14 +35,10 @@ def train_and_validation(*overrides: str) -> tuple[features.Features, list]:
     return found, sorted(job.head.c_grid)
 
 
-def unit_blocks(x: np.ndarray, widths) -> np.ndarray:
-    blocks = np.split(x, np.cumsum(widths)[:-1], axis=1)
-    return np.concatenate([b / np.linalg.norm(b, axis=1, keepdims=True) for b in blocks], axis=1)
-
-
 def val_curve(found: features.Features, grid: list) -> pd.Series:
     (x, y), (xv, yv) = found.get("train"), found.get("validation")
-    x, xv = unit_blocks(x, found.widths), unit_blocks(xv, found.widths)
+    normalize = normalization(found.widths)  # as model=logistic_regression does, each backbone's part on its own
+    x, xv = np.asarray(normalize(x)), np.asarray(normalize(xv))
     return pd.Series({c: float((LogisticRegression(C=c, max_iter=1000).fit(x, y).predict(xv) == yv).mean())
                       for c in grid}, name="val accuracy")
 

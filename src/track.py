@@ -88,13 +88,14 @@ def _experiment_id(cfg: DictConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is None:
         local = urlparse(cfg.uri).scheme not in ("http", "https", "databricks")
-        mlflow.create_experiment(cfg.experiment_name, tags=EXPERIMENT_KIND,
-                                 artifact_location=cfg.artifact_location if local else None)
-        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
-    elif not set(EXPERIMENT_KIND) <= set(experiment.tags):
+        experiment_id = mlflow.create_experiment(cfg.experiment_name, tags=EXPERIMENT_KIND,
+                                                 artifact_location=cfg.artifact_location if local else None)
+    else:
+        experiment_id = experiment.experiment_id
         for key, value in EXPERIMENT_KIND.items():
-            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
-    return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
+            if key not in experiment.tags:
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
+    return mlflow.set_experiment(experiment_id=experiment_id).experiment_id
 
 
 @contextmanager

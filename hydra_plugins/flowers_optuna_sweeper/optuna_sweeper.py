@@ -98,7 +98,7 @@ class OptunaSweeper(Sweeper):
 
 
 def _states(study: optuna.Study) -> str:
-    """e.g. "5 complete, 2 pruned, 0 failed", over the whole study (every worker)."""
+    """e.g. "5 complete, 2 pruned, 0 fail", over the whole study (every worker)."""
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return ", ".join(f"{states.count(s)} {s.name.lower()}" for s in (optuna.trial.TrialState.COMPLETE,
                                                                    optuna.trial.TrialState.PRUNED,
