@@ -221,8 +221,9 @@ SHOWN = {"head": lambda v: "logistic regression" if v == "logistic_regression" e
 
 
 # Settings that only one kind of head reads, left out of the other's labels; the summary's columns keep them all.
-HEAD_SETTINGS = {False: ("model.c_grid", "model.max_iter"),  # a Keras dense head
-                 True: ("model.c_grid", "model.max_iter", "dropout", "label_smoothing")}  # logistic regression
+LOGISTIC_REGRESSION_SETTINGS = ("model.c_grid", "model.max_iter", "model.tol")
+HEAD_SETTINGS = {False: LOGISTIC_REGRESSION_SETTINGS,  # a Keras dense head
+                 True: (*LOGISTIC_REGRESSION_SETTINGS, "dropout", "label_smoothing")}  # logistic regression
 
 
 def _configuration_label(row: pd.Series, columns: list[str]) -> str:

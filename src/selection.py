@@ -30,7 +30,8 @@ RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SCORE}": SCORE, f"metrics.{L
            "metrics.val/accuracy_best": "val/accuracy_best", "metrics.val/accuracy_ci_low": "val/accuracy_ci_low",
            "metrics.val/accuracy_ci_high": "val/accuracy_ci_high", "metrics.val/loss_at_best": "val/loss_at_best",
            "metrics.val/accuracy_tta": "val/accuracy_tta", "metrics.val/shifted_accuracy_best": "val/shifted_accuracy",
-           "metrics.cv/accuracy": "cv/accuracy",
+           "metrics.cv/accuracy": "cv/accuracy", "metrics.cv/epochs": "cv/epochs",
+           "metrics.refit/stage1_epochs": "refit/epochs",
            "metrics.test/accuracy": "test/accuracy", "metrics.test/accuracy_ci_low": "test/accuracy_ci_low",
            "metrics.test/accuracy_ci_high": "test/accuracy_ci_high",
            "metrics.test/mean_class_accuracy": "test/mean_class_accuracy",
@@ -48,7 +49,7 @@ NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "par
                      "params.registry.", "params.export.", "params.report.", "params.trainer.verbose", "params.trainer.feature_cache",
                      "params.backbone.handle", "params.data.data_dir", "params.data.download", "params.data.cache",
                      "params.backbones")  # the backbone column names every backbone of a run (its tag)
-INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch")
+INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch", "cv/epochs", "refit/epochs")
 
 
 OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_best", "mean": "val/mean_accuracy_best"}

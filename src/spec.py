@@ -54,6 +54,7 @@ class Head:
     label_smoothing: float
     c_grid: tuple[float, ...] = ()  # logistic regression: the inverse regularisation strengths tried on validation
     max_iter: int = 1000
+    tol: float = 1e-6  # lbfgs stops when the gradient is this small; scikit-learn's 1e-4 stops large C early
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Job:
         model, trainer = cfg.model, cfg.trainer
         _check_values(cfg)
         head = Head(model.get("head", "dense"), model.dropout, model.normalize_features, model.label_smoothing,
-                    tuple(model.get("c_grid") or ()), model.get("max_iter", 1000))
+                    tuple(model.get("c_grid") or ()), model.get("max_iter", 1000), model.get("tol", 1e-6))
         options = OmegaConf.to_container(trainer.optimizer)
         optimizer = Optimizer.resolve(options.pop("name"), options)
         job = cls(

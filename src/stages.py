@@ -133,8 +133,9 @@ class LogisticRegressionHead:
         shifted = shifted_validation(features) if rnd.validation and job.select_on != "clean" else None
         rows, models = [], []
         for c in grid:
-            classifier = LogisticRegression(C=c, max_iter=job.head.max_iter).fit(x, y)
-            row = {"C": c, **_scores(classifier, x, y, ctx.num_classes, "train")}
+            classifier = LogisticRegression(C=c, max_iter=job.head.max_iter, tol=job.head.tol).fit(x, y)
+            row = {"C": c, "iterations": int(classifier.n_iter_.max()),
+                   **_scores(classifier, x, y, ctx.num_classes, "train")}
             if rnd.validation:
                 row |= _scores(classifier, prepared(features.get(rnd.validation)[0]),
                                features.get(rnd.validation)[1], ctx.num_classes, "val")
@@ -150,7 +151,8 @@ class LogisticRegressionHead:
         if rnd.validation and rnd.early_stopping:  # the selection's grid, as a curve in the MLflow UI
             for step, row in enumerate(rows, start=1):
                 mlflow.log_metrics({"c_grid/C": row["C"], "c_grid/val_accuracy": row["val/accuracy"],
-                                    "c_grid/val_loss": row["val/loss"]}, step=step)
+                                    "c_grid/val_loss": row["val/loss"], "c_grid/iterations": row["iterations"]},
+                                   step=step)
         best = 0 if budget else int(np.argmax(curves[selection_column(curves)].to_numpy()))
         head = self._head(ctx, models[best])
         return Fitted(ctx.network.classifier(head), _feature_predictor(head, features, job.batch_size), curves,

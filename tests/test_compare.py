@@ -51,6 +51,10 @@ def test_logistic_regression_is_a_model_of_the_project(runs):
     # the grid on validation, one point per C
     history = mlflow.MlflowClient().get_metric_history(ids["baseline"], "c_grid/val_accuracy")
     assert len(history) == 3
+    # how long lbfgs ran for each C, and the tolerance it ran to
+    iterations = mlflow.MlflowClient().get_metric_history(ids["baseline"], "c_grid/iterations")
+    assert len(iterations) == 3 and all(point.value >= 1 for point in iterations)
+    assert run.data.params["model.tol"] == "1e-06"
     # its coefficients are the exported model's head: served = evaluated
     model = mlflow.pyfunc.load_model(f"runs:/{ids['baseline']}/model")
     images = [image.numpy() for image, _ in load_splits(compose_config("data=synthetic").data).test.take(12)]
