@@ -2,9 +2,11 @@
 
     python scripts/report.py backbone_comparison          # or: make report EXPERIMENT=backbone_comparison
     python scripts/report.py optuna_search --optuna-storage postgresql://user:password@host/db
+    python scripts/report.py beyond_frozen --from-runs experiments/beyond_frozen/results/runs.csv
 
 The experiment is an MLflow experiment, usually made by `python train.py -m experiment=<name>`. The store is
-MLFLOW_TRACKING_URI or the project's mlflow.db. The folder's previous results are replaced.
+MLFLOW_TRACKING_URI or the project's mlflow.db. The folder's previous results are replaced. With --from-runs,
+only the summary is written again, from an earlier report's runs.csv, and no store is read.
 """
 
 from __future__ import annotations
@@ -29,9 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: experiments/<experiment>/results)")
     parser.add_argument("--optuna-storage", metavar="URL",
                         help="the study's storage, when its logged URL has no password or has moved")
+    parser.add_argument("--from-runs", type=Path, metavar="CSV",
+                        help="write summary.csv/.md again from this runs.csv, without the MLflow store")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out or PROJECT_ROOT / "experiments" / args.experiment / "results"
+    if args.from_runs:
+        files = report.write_summary(args.from_runs, out)
+        print(f"summary of {args.from_runs} in {out}: {', '.join(files)}")
+        return 0
     cli.config()
     files = report.write_report(mlflow.MlflowClient(), args.experiment, out, args.optuna_storage)
     print(f"report of '{args.experiment}' in {out} (and logged to its `report` run): {', '.join(files)}")

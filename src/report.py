@@ -29,7 +29,7 @@ from src.track import run_config
 log = logging.getLogger(__name__)
 
 ACCURACIES = [SCORE, "val/accuracy_best", "val/accuracy_tta", "cv/accuracy", "test/accuracy",
-              "test/accuracy_single_view", "test/mean_class_accuracy", "test/top5_accuracy"]
+              "test/accuracy_single_view", "test/tta_gain", "test/mean_class_accuracy", "test/top5_accuracy"]
 PROVENANCE = ["git_commit", "dataset_version", "tensorflow", "keras", "mlflow"]
 MISTAKES = 12
 
@@ -69,6 +69,20 @@ def summarize_configurations(table: pd.DataFrame) -> pd.DataFrame:
         summary[column] = grouped[column].agg(lambda v: " ".join(sorted(v.dropna().astype(str).unique())))
     return summary.reset_index().sort_values([f"{SCORE}_mean", f"{LOSS}_mean"], ascending=[False, True],
                                              ignore_index=True)
+
+
+def write_summary(runs_csv: Path, out_dir: Path) -> list[str]:
+    """summary.csv and summary.md again from a committed runs.csv, without the MLflow store (which keeps what
+    the comparisons and figures need); the folder's other files are left as they are. Returns the file names."""
+    if not runs_csv.is_file():
+        raise UserError(f"{runs_csv} does not exist; give the runs.csv of an earlier report")
+    table = selection.with_tta_gain(pd.read_csv(runs_csv))
+    summary = summarize_configurations(table)
+    with files.replaced(out_dir / "summary.csv") as staging:
+        summary.to_csv(staging, index=False)
+    with files.replaced(out_dir / "summary.md") as staging:
+        staging.write_text(markdown(_readable(summary), configuration_columns(table)))
+    return ["summary.csv", "summary.md"]
 
 
 def by_backbone(summary: pd.DataFrame) -> pd.DataFrame:

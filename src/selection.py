@@ -85,6 +85,17 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = runs.reindex(columns=list(columns)).rename(columns=columns)
     for column in ("lr", "dropout", "label_smoothing", *INTEGERS):
         table[column] = _number(table[column], integer=column in INTEGERS)
+    return with_tta_gain(table)
+
+
+def with_tta_gain(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs table with `test/tta_gain`, what a run's test-time views add to its own one-view accuracy (the
+    same images), after `test/accuracy_single_view`; a table that has it already is returned as it is."""
+    if "test/tta_gain" in table:
+        return table
+    table = table.copy()
+    table.insert(table.columns.get_loc("test/accuracy_single_view") + 1, "test/tta_gain",
+                 table["test/accuracy"] - table["test/accuracy_single_view"])
     return table
 
 

@@ -146,7 +146,8 @@ class LogisticRegressionHead:
                                                            row["val/shifted_accuracy"])
             rows.append(row)
             models.append(classifier)
-            log.info("logistic regression C=%g: %s", c, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "C"))
+            log.info("logistic regression C=%g: %s", c, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                                 for k, v in row.items() if k != "C"))
         curves = pd.DataFrame(rows).set_index("C")
         if rnd.validation and rnd.early_stopping:  # the selection's grid, as a curve in the MLflow UI
             for step, row in enumerate(rows, start=1):
@@ -154,6 +155,8 @@ class LogisticRegressionHead:
                                     "c_grid/val_loss": row["val/loss"], "c_grid/iterations": row["iterations"]},
                                    step=step)
         best = 0 if budget else int(np.argmax(curves[selection_column(curves)].to_numpy()))
+        if not budget and len(grid) > 1 and best in (0, len(grid) - 1):
+            log.warning("C=%g is at the edge of model.c_grid: a wider grid may find a better C", grid[best])
         head = self._head(ctx, models[best])
         return Fitted(ctx.network.classifier(head), _feature_predictor(head, features, job.batch_size), curves,
                       ({"C": float(grid[best])},))

@@ -168,6 +168,7 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
         runs[seed] = log_run(client, experiment_id, "a", 0.01, seed, 0.85, 0.85)
         client.log_param(runs[seed], "model.head", "dense")
         log_predictions(client, runs[seed], tmp_path, correct, one_view=first_80)
+        client.log_metric(runs[seed], "test/accuracy_single_view", 0.80)
     other = log_run(client, experiment_id, "b", 0.01, 1, 0.9, 0.9)  # no baseline on backbone b: not compared
     client.log_param(other, "model.head", "dense")
     log_predictions(client, other, tmp_path, first_90)
@@ -189,8 +190,19 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
     assert set(compared["configuration"]) == {"a"}
     assert set(compared["baseline"]) == {"a, logistic regression"}
 
+    # the test-time views' gain over the run's own one view: 0.85 - 0.80 for each seed; none without one view
+    assert list(table.set_index("run_id").loc[[runs[1], runs[2], other], "test/tta_gain"].round(6).fillna(-1)) == [0.05, 0.05, -1]
+    summary = report.summarize_configurations(table).set_index(["backbone", "head"])
+    assert summary.loc[("a", "dense"), "test/tta_gain_mean"] == pytest.approx(0.05)
+
     files = report.write_report(client, "techniques", tmp_path / "results", baseline=declared)
     assert {"comparisons.csv", "comparisons.md"} <= set(files)
+    # the summary again from the committed runs.csv alone, without the store: the same figures
+    assert report.write_summary(tmp_path / "results" / "runs.csv", tmp_path / "again") == ["summary.csv", "summary.md"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "summary.csv"),
+                                  pd.read_csv(tmp_path / "results" / "summary.csv"))
+    with pytest.raises(UserError, match="does not exist; give the runs.csv of an earlier report"):
+        report.write_summary(tmp_path / "missing.csv", tmp_path / "again")
     assert "+10.00" in (tmp_path / "results" / "comparisons.md").read_text()
 
     log_predictions(client, other, tmp_path, first_90, version="v2")  # retagged: evaluated on other images
