@@ -54,7 +54,7 @@ def val_curve(found: features.Features, grid: list, tol: float) -> pd.DataFrame:
         fitted, normalize = fit(found, c, tol)
         rows[c] = {"val accuracy": float((fitted.predict(np.asarray(normalize(xv))) == yv).mean()),
                    "iterations": int(fitted.n_iter_.max())}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("C")
+    return pd.DataFrame.from_dict(rows, orient="index").astype({"iterations": int}).rename_axis("C")
 
 
 def show(title: str, curves: dict[str, pd.DataFrame]) -> None:

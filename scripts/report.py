@@ -3,6 +3,7 @@
     python scripts/report.py backbone_comparison          # or: make report EXPERIMENT=backbone_comparison
     python scripts/report.py optuna_search --optuna-storage postgresql://user:password@host/db
     python scripts/report.py beyond_frozen --from-runs experiments/beyond_frozen/results/runs.csv
+    python scripts/report.py beyond_frozen --out DIR --baseline model.head=logistic_regression --same backbone trainer.refit
 
 The experiment is an MLflow experiment, usually made by `python train.py -m experiment=<name>`. The store is
 MLFLOW_TRACKING_URI or the project's mlflow.db. The folder's previous results are replaced. With --from-runs,
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: experiments/<experiment>/results)")
     parser.add_argument("--optuna-storage", metavar="URL",
                         help="the study's storage, when its logged URL has no password or has moved")
+    parser.add_argument("--baseline", nargs="+", metavar="PARAM=VALUE",
+                        help="compare with these runs instead of the config's report.baseline, e.g. "
+                             "model.head=logistic_regression")
+    parser.add_argument("--same", nargs="+", default=[], metavar="COLUMN",
+                        help="with --baseline: the columns a configuration shares with its baseline, e.g. backbone")
     parser.add_argument("--from-runs", type=Path, metavar="CSV",
                         help="write summary.csv/.md again from this runs.csv, without the MLflow store")
     args = parser.parse_args(argv)
@@ -39,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"summary of {args.from_runs} in {out}: {', '.join(files)}")
         return 0
     cli.config()
-    files = report.write_report(mlflow.MlflowClient(), args.experiment, out, args.optuna_storage)
+    baseline = report.declared_baseline(args.baseline, args.same) if args.baseline else None
+    files = report.write_report(mlflow.MlflowClient(), args.experiment, out, args.optuna_storage, baseline)
     print(f"report of '{args.experiment}' in {out} (and logged to its `report` run): {', '.join(files)}")
     return 0
 

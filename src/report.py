@@ -96,6 +96,14 @@ def baseline_declaration(experiment_name: str) -> DictConfig | None:
     return OmegaConf.select(OmegaConf.load(path), "report.baseline") if path.is_file() else None
 
 
+def declared_baseline(where: list[str], same: list[str]) -> DictConfig:
+    """A baseline declaration from the command line: `where` as PARAM=VALUE strings, `same` as column names."""
+    if not all("=" in item for item in where):
+        raise UserError(f"--baseline {' '.join(where)} is invalid: expected PARAM=VALUE pairs, "
+                        "e.g. --baseline model.head=logistic_regression")
+    return OmegaConf.create({"where": dict(item.split("=", 1) for item in where), "same": list(same)})
+
+
 def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -> pd.DataFrame:
     """Each configuration's finished runs against the baseline's runs that share its `baseline.same` columns, on the
     same test images: per seed (with the baseline run of the same seed, or its only one) and pooled over seeds;

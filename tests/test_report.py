@@ -175,6 +175,10 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
 
     table = selection.runs_table(report.experiment_runs(client, "techniques"))
     declared = OmegaConf.create({"where": {"model.head": "logistic_regression"}, "same": ["backbone"]})
+    # scripts/report.py --baseline model.head=logistic_regression --same backbone declares the same
+    assert report.declared_baseline(["model.head=logistic_regression"], ["backbone"]) == declared
+    with pytest.raises(UserError, match="--baseline model.head is invalid: expected PARAM=VALUE pairs"):
+        report.declared_baseline(["model.head"], [])
     compared = report.comparisons(report.experiment_runs(client, "techniques"), table, declared)
     served = compared[compared["view"] == "as served"].set_index("seed")
     assert list(served.index) == ["1", "2", "pooled (2)"] and set(compared["baseline_seed"]) >= {"1"}
