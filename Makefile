@@ -10,21 +10,47 @@ TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # `make` alone lists the targets.
 .DEFAULT_GOAL := help
 
-.PHONY: help install test train report compare evaluate robustness ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+.PHONY: help install install-all lock test train report compare evaluate robustness ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
 
 help:  ## list the targets with what each does (the default)
 	@echo "usage: make <target> [ARGS=\"...\"] [PORT=...] [UI_PORT=...]; start with make install"
 	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-22s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-install: $(VENV)/.installed  ## create .venv and install the pinned requirements
+install: $(VENV)/.installed  ## create .venv and install the core for a CPU machine: train, track, register, serve
 
-$(VENV)/.installed: requirements.txt
+# Extras on top of the core (pyproject.toml): TensorFlow for this machine, and what the tests import.
+TF_EXTRA ?= cpu
+TEST_EXTRAS := dev,export,postgres,profile
+LOCK_VENV := .venv-lock
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "==> [1/3] creating the virtual environment $(VENV)"
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements.txt
+	@echo "==> [2/3] pip itself, at the version constraints.txt pins"
+	$(PYTHON) -m pip install --progress-bar on -c constraints.txt --upgrade pip
+	@echo "==> [3/3] the project and its core dependencies, extra $(TF_EXTRA) (about 3 GB, most of it TensorFlow)"
+	$(PYTHON) -m pip install --progress-bar on -c constraints.txt -e ".[$(TF_EXTRA)]"
+	touch $@
+	@echo "==> done: $(VENV) holds the core; make test adds the test tools, make install-all every extra"
+
+$(VENV)/.installed-all: $(VENV)/.installed
+	@echo "==> the extras $(TEST_EXTRAS) on top of the core: test tools, TFLite/OpenVINO, PostgreSQL, TensorBoard"
+	$(PYTHON) -m pip install --progress-bar on -c constraints.txt -e ".[$(TF_EXTRA),$(TEST_EXTRAS)]"
 	touch $@
 
-test: install  ## the whole test suite
+install-all: $(VENV)/.installed-all  ## install every extra for this machine on top of the core (what make test needs)
+
+lock:  ## regenerate constraints.txt: every extra but gpu, resolved afresh from the registry in a throw-away venv
+	rm -rf $(LOCK_VENV)
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -e ".[cpu,$(TEST_EXTRAS)]"
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+
+test: install-all  ## the whole test suite, after installing the extras it needs
+	@echo "==> running the test suite"
 	$(PYTHON) -m pytest
 
 train: install  ## one training job; e.g. make train ARGS="backbone=mobilenet_v2_100_224 lr=3e-4"

@@ -1,7 +1,7 @@
 # TensorFlow Serving for the champion: build it from the folder make export-tfserving writes.
 #   make serve-best-tfserving     (= make export-tfserving; docker build ...; docker run ...)
 #   curl -d '{"instances": [{"b64": "'"$(base64 -w0 rose.jpg)"'"}]}' http://127.0.0.1:8501/v1/models/flowers:predict
-# The tag matches the TensorFlow that exported the model (requirements.txt).
+# The tag matches the TensorFlow that exported the model (pyproject.toml, constraints.txt).
 FROM tensorflow/serving:2.21.0
 
 COPY . /models/

@@ -7,7 +7,7 @@
 2. Cached against uncached, side by side in this run: the same seeded sampler gives both studies the same
    first trials; each trial trains a fixed number of epochs with no pruning, once on cached features and
    once end to end through the backbone. Per-trial time ratio, and val accuracy of each pair.
-3. A single default run, `python train.py backbone=mobilenet_v2_100_224` (augmentation on, no cache).
+3. A single default run, `python train.py backbone=mobilenet_v2_100_224` (on the cached features).
 
 Everything is written to a fresh folder (MLflow store, Optuna storage, feature cache), printed at the end.
 Selection is on validation only; test accuracy is reported, never used.
@@ -20,13 +20,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pandas as pd
+
+from src import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +61,7 @@ def main() -> None:
     parser.add_argument("--compare-epochs", type=int, default=10, help="fixed epochs of each compared trial")
     parser.add_argument("--skip-default", action="store_true", help="skip the single default run")
     args = parser.parse_args()
-    if not os.environ.get("TFDS_DATA_DIR"):
-        sys.exit("error: set TFDS_DATA_DIR to the prepared oxford_flowers102, e.g. ../shared/tensorflow_datasets")
-    work = Path(tempfile.mkdtemp(prefix="benchmark-search-"))
-    print(f"working in {work}", flush=True)
+    work = cli.benchmark_folder("benchmark-search-")
     storage = f"hydra.sweeper.storage=sqlite:///{work}/optuna.db"
 
     search_seconds = run(work, "-m", "hparams_search=mobilenet_v2", storage, "hydra.sweeper.study_name=search",
@@ -112,7 +110,7 @@ def main() -> None:
         mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
         runs = mlflow.search_runs(search_all_experiments=True)
         default = runs[runs["tags.mlflow.parentRunId"].isna() & runs["tags.sweep"].isna()].iloc[0]
-        print("\n== Single default run (augmentation on, 20 epochs, no cache) ==")
+        print("\n== Single default run (cached features) ==")
         print(f"val accuracy {default['metrics.val/accuracy_best']:.4f}, test accuracy "
               f"{default['metrics.test/accuracy']:.4f}; wall time {default_seconds:.0f} s")
         print(f"search best minus default: val {100 * (best['metrics.val/accuracy_best'] - default['metrics.val/accuracy_best']):+.1f} "

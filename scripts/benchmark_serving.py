@@ -27,7 +27,6 @@ import pandas as pd
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def test_image() -> bytes:
@@ -74,7 +73,7 @@ def throughput(call, n: int, concurrency: int) -> float:
 
 
 def start_server(model_uri: str | None) -> tuple[subprocess.Popen, str]:
-    from tests.helpers import free_port, wait_until_up  # the test suite's server helpers
+    from src.serve import free_port, wait_until_up
     port = free_port()
     command = [sys.executable, "scripts/serve_best.py", f"serve.port={port}"]
     if model_uri:

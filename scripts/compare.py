@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src import cli, compare  # noqa: E402
+from src import cli, compare
 
 
 @cli.command

@@ -16,20 +16,17 @@ Features come from the cache (paths.cache_dir), or are extracted into it.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
 
-import argparse  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-
-from src import cli, features, stats  # noqa: E402
-from src.model import normalization  # noqa: E402
-from src.pipeline import prepare  # noqa: E402
+from src import cli, features, stats
+from src.model import normalization
+from src.pipeline import prepare
 
 BACKBONES = ["mobilenet_v1_100_224", "mobilenet_v2_100_224", "efficientnet_lite0_224", "efficientnet_lite2_260"]
 

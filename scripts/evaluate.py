@@ -16,9 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src import cli, external  # noqa: E402
+from src import cli, external
 
 
 @cli.command

@@ -15,12 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
-
-from src import cli, runtimes  # noqa: E402
-from src.config import PROJECT_ROOT, UserError  # noqa: E402
+from src import cli, runtimes
+from src.config import PROJECT_ROOT, UserError
 
 
 @cli.command

@@ -12,13 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
-
-from src import cli, register  # noqa: E402
-from src.config import PROJECT_ROOT  # noqa: E402
-from src.export import write_tfserving  # noqa: E402
+from src import cli, register
+from src.config import PROJECT_ROOT
+from src.export import write_tfserving
 
 
 @cli.command

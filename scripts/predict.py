@@ -16,13 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import requests
 
-import pandas as pd  # noqa: E402
-import requests  # noqa: E402
-
-from src import cli  # noqa: E402
-from src.config import UserError  # noqa: E402
+from src import cli
+from src.config import UserError
 
 
 def predict_url(url: str, images: list[bytes]) -> list[list[dict]]:

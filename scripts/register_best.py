@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
-
-from src import cli, register  # noqa: E402
+from src import cli, register
 
 
 @cli.command

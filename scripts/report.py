@@ -17,12 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
-
-from src import cli, report  # noqa: E402
-from src.config import PROJECT_ROOT  # noqa: E402
+from src import cli, report
+from src.config import PROJECT_ROOT
 
 
 @cli.command

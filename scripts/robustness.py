@@ -19,10 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src import cli, external  # noqa: E402
-from src.config import UserError  # noqa: E402
+from src import cli, external
+from src.config import UserError
 
 
 @cli.command

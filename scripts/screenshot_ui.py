@@ -1,6 +1,6 @@
 """Screenshot of `make ui` on a throw-away demo store: an experiment of the project, open on its training runs.
 
-    .venv/bin/python -m pip install playwright   # dev-only, not in requirements.txt; no browser download:
+    .venv/bin/python -m pip install playwright   # not in any extra (no test needs it); no browser download:
     apt-get install -y chromium                  # it drives the system's Chromium
     .venv/bin/python scripts/screenshot_ui.py [--out docs/images/mlflow_ui_runs.png] [--chromium /usr/bin/chromium]
 
@@ -30,14 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
+from PIL import Image
 
-import mlflow  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from src import track  # noqa: E402
-from src.config import PROJECT_ROOT, load_config  # noqa: E402
-from tests.helpers import free_port, wait_until_up  # noqa: E402
+from src import track
+from src.config import PROJECT_ROOT, load_config
+from src.serve import free_port, wait_until_up
 
 EXPERIMENT = "demo-store-no-training"
 # Two demo runs: (name, params, metrics). Not results of this project: nothing was trained.

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src import cli, serve  # noqa: E402
-from src.config import validate_serve  # noqa: E402
+from src import cli, serve
+from src.config import validate_serve
 
 
 @cli.command

@@ -13,14 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from src import cli  # noqa: E402
-from src.config import PROJECT_ROOT, UserError, load_config  # noqa: E402
-from src.data import SPLITS, load_splits  # noqa: E402
-from src.plots import dataset_examples  # noqa: E402
+from src import cli
+from src.config import PROJECT_ROOT, UserError, load_config
+from src.data import SPLITS, load_splits
+from src.plots import dataset_examples
 
 
 @cli.command

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 from omegaconf import DictConfig
@@ -39,3 +42,12 @@ def model_parser(description: str, cfg: DictConfig) -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default=cfg.tracking.experiment_name, help="MLflow experiment of the run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def benchmark_folder(prefix: str) -> Path:
+    """A fresh throw-away folder for a benchmark on the offline data, printed; one line and exit without the data."""
+    if not os.environ.get("TFDS_DATA_DIR"):
+        sys.exit("error: set TFDS_DATA_DIR to the prepared oxford_flowers102, e.g. ../shared/tensorflow_datasets")
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"working in {work}", flush=True)
+    return work

@@ -10,8 +10,12 @@ size from the header, and that each one decodes (src/pyfunc_model.py).
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
 
 import mlflow
+import requests
 import uvicorn
 from mlflow.pyfunc import scoring_server
 from omegaconf import DictConfig
@@ -84,3 +88,22 @@ def build_app(model_uri: str, cfg: DictConfig) -> RequestLimits:
 
 def serve(model_uri: str, cfg: DictConfig) -> None:
     uvicorn.run(build_app(model_uri, cfg), host=cfg.host, port=cfg.port, log_level="info")
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180.0) -> bool:
+    """Poll `url` until it answers 200 (True), or until the process exits or the time runs out (False)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return True
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting up
+            time.sleep(0.5)
+    return False

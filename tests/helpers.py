@@ -1,4 +1,4 @@
-"""Helpers shared by several test modules (and the serving benchmark): servers on loopback, the command line,
+"""Helpers shared by several test modules: servers on loopback, the command line,
 image files, tiny models."""
 
 from __future__ import annotations
@@ -6,47 +6,26 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import requests
 from PIL import Image
 
 from src.backbone import HubFeatureVector
 from src.config import PROJECT_ROOT
 from src.model import Network, build_head
+from src.serve import wait_until_up
 from src.spec import Head
 
 
 # A champion's classes, and a photo-like image to send it.
 CLASSES = ["daisy", "rose", "tulip", "lily"]
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
-
-
-def free_port() -> int:
-    """A loopback TCP port that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180.0) -> bool:
-    """Poll `url` until it answers 200 (True), or until the process exits or the time runs out (False)."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return True
-        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting up
-            time.sleep(0.5)
-    return False
 
 
 @contextmanager

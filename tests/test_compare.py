@@ -14,7 +14,7 @@ import pytest
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits
 from src.pipeline import run_job
-from tests.conftest import compose_config
+from tests.conftest import TEST_HEAD, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def runs(tiny_backbone, tmp_path_factory):
     """A logistic-regression run and a Keras-head run on the same synthetic images, and one on other images."""
     tmp = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    common = ["data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}",
+    common = [*TEST_HEAD, "data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}",
               "backbone.name=tiny", "trainer.verbose=0", f"tracking.uri={uri}",
               f"tracking.artifact_location={tmp}/art", f"paths.cache_dir={tmp}/cache"]
     ids = {}
@@ -102,11 +102,11 @@ def test_runs_on_different_images_are_refused_in_one_line(runs):
     (["model=logistic_regression", "model.c_grid=[]"], "model.c_grid=[] is invalid: expected a list of positive numbers"),
     (["model.augmentation.enabled=false", "trainer.cv_folds=3", "finetune.enabled=true"],
      "trainer.cv_folds does not cross-validate fine-tuning"),
-    (["trainer.cv_folds=3"], "trainer.cv_folds needs the cached-feature path"),
+    (["model.augmentation.enabled=true", "trainer.cv_folds=3"], "trainer.cv_folds needs the cached-feature path"),
 ])
 def test_bad_head_settings_are_one_line_errors_before_any_run(tiny_backbone, tracking_uri, tmp_path, overrides,
                                                               message):
-    cfg = compose_config("data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}",
+    cfg = compose_config(*TEST_HEAD, "data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}",
                          f"tracking.uri={tracking_uri}", *overrides)
     with pytest.raises(UserError) as error:
         run_job(cfg, tmp_path)

@@ -92,7 +92,7 @@ def test_unknown_group_choice_is_named_with_the_options():
 def test_flatten_gives_every_resolved_value_with_dotted_keys():
     cfg = compose_config("backbone=mobilenet_v2_100_224")
     flat = flatten(cfg)
-    assert flat["lr"] == "0.001"
+    assert flat["lr"] == "0.03"
     assert flat["backbone.name"] == "mobilenet_v2_100_224"
     assert flat["model.augmentation.zoom"] == "0.1"
     assert flat["backbone.input_size"] == "[224, 224]"

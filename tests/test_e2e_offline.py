@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from src.data import load_splits
-from tests.conftest import compose_config
+from tests.conftest import TEST_HEAD, compose_config
 from tests.helpers import logged_runs as runs, train_cli as train
 
 SLICES = {"train": "train[:50%]", "validation": "validation[:30%]", "test": "test[:300]"}
@@ -14,7 +14,7 @@ SLICES = {"train": "train[:50%]", "validation": "validation[:30%]", "test": "tes
 
 @pytest.mark.e2e
 def test_mobilenet_v2_on_oxford_flowers102_slices(offline_data_dir, offline_backbones_dir, tmp_path):
-    overrides = ["backbone=mobilenet_v2_100_224", f"data.data_dir={offline_data_dir}", "epochs=3", "lr=0.01",
+    overrides = [*TEST_HEAD, "backbone=mobilenet_v2_100_224", f"data.data_dir={offline_data_dir}", "epochs=3", "lr=0.01",
                  "trainer.verbose=2", *(f'data.splits.{split}="{s}"' for split, s in SLICES.items())]
     result = train(tmp_path, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]

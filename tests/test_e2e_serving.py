@@ -12,7 +12,8 @@ import pytest
 from src.config import PROJECT_ROOT
 from src.data import load_splits
 from tests.conftest import compose_config
-from tests.helpers import free_port, running
+from src.serve import free_port
+from tests.helpers import running
 
 SLICES = {"train": "train[:50%]", "validation": "validation[:30%]", "test": "test[:200]"}
 PHOTOS = 30

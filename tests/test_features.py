@@ -17,10 +17,10 @@ from tests.tiny_backbone import save_tiny_backbone
 def test_the_cache_applies_only_to_a_frozen_backbone_without_augmentation():
     def uses(*overrides):
         return Job.from_config(compose_config("backbone=mobilenet_v2_100_224", *overrides)).uses_feature_cache
-    assert uses("model.augmentation.enabled=false")
-    assert not uses()
-    assert not uses("model.augmentation.enabled=false", "backbone.trainable=true")
-    assert not uses("model.augmentation.enabled=false", "trainer.feature_cache=false")
+    assert uses()  # the default: frozen, augmentation off
+    assert not uses("model.augmentation.enabled=true")
+    assert not uses("backbone.trainable=true")
+    assert not uses("trainer.feature_cache=false")
 
 
 @pytest.fixture

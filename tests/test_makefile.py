@@ -24,7 +24,8 @@ def help_lines() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("target, description", [
-    ("install", "create .venv and install the pinned requirements"),
+    ("install", "create .venv and install the core for a CPU machine"),
+    ("install-all", "install every extra"),
     ("test", "the whole test suite"),
     ("train", "one training job"),
     ("ui", "the MLflow UI"),

@@ -16,7 +16,7 @@ from src import shifts
 from src.config import PROJECT_ROOT
 from src.data import load_splits
 from src.pipeline import run_job
-from tests.conftest import compose_config
+from tests.conftest import TEST_HEAD, compose_config
 
 PER_CLASS = 2  # shifted samples of 8 images: 24 conditions x 8 = 192 shifted photos
 
@@ -33,7 +33,7 @@ def job(synthetic_cfg, **changes):
 def robust_run(tiny_backbone, tmp_path_factory):
     """Random views, multi-scale TTA, selection on the mean of clean and shifted validation, shifted test."""
     tmp = tmp_path_factory.mktemp("robust")
-    cfg = compose_config("data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}",
+    cfg = compose_config(*TEST_HEAD, "data=synthetic", "backbone=mobilenet_v2_100_224", f"backbone.handle={tiny_backbone}",
                          "backbone.name=tiny", "epochs=4", "lr=0.02", "trainer.verbose=0",
                          "model.augmentation.enabled=false", "model.normalize_features=true",
                          "model.train_views=random:2", "model.tta=multiscale", "trainer.select_on=mean",

@@ -14,7 +14,8 @@ from PIL import Image
 
 from src.config import PROJECT_ROOT
 from src.pyfunc_model import FlowerClassifier
-from tests.helpers import CLASSES, JPEG, PHOTO, encode, free_port, running
+from src.serve import free_port
+from tests.helpers import CLASSES, JPEG, PHOTO, encode, running
 
 MAX_IMAGES, MAX_BODY_MB = 4, 1
 

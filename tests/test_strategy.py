@@ -19,9 +19,9 @@ from src.data import load_splits
 from src.pipeline import run_job
 from src.spec import Job
 from src.train import make_strategy, precision
-from tests.conftest import compose_config
+from tests.conftest import TEST_HEAD, compose_config
 
-FAST = ["data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=0", "epochs=3",
+FAST = [*TEST_HEAD, "data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=0", "epochs=3",
         "lr=0.05", "model.augmentation.enabled=false"]
 
 

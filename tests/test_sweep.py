@@ -16,8 +16,9 @@ import pytest
 
 from src.config import PROJECT_ROOT
 from src.search import make_storage
+from tests.conftest import TEST_HEAD
 
-FAST = ["data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=0"]
+FAST = [*TEST_HEAD, "data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=0"]
 
 
 def command(tmp_path, tiny_backbone, *overrides):

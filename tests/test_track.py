@@ -68,7 +68,7 @@ def test_run_name_says_backbone_techniques_lr_batch_size_and_seed():
         "mobilenet_v2_100_224-lr0.0003-bs64-seed42"
     assert run_name(compose_config("backbones=[mobilenet_v1_100_224,efficientnet_lite0_224]", "model.tta=flip",
                                    "trainer.cv_folds=5", "trainer.refit=true", "trainer.refit_budget=steps")) == \
-        "mobilenet_v1_100_224+efficientnet_lite0_224-tta_flip-cv5-refit_steps-lr0.001-bs32-seed42"
+        "mobilenet_v1_100_224+efficientnet_lite0_224-tta_flip-cv5-refit_steps-lr0.03-bs64-seed42"
     assert run_name(compose_config("model=logistic_regression", "backbone=mobilenet_v2_100_224", "seed=1")) == \
         "mobilenet_v2_100_224-logistic_regression-seed1"  # no lr or batch: scikit-learn takes neither
     assert run_name(compose_config("tracking.run_name=mine")) == "mine"

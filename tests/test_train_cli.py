@@ -11,16 +11,17 @@ from PIL import Image
 
 from src.config import flatten
 from src.data import load_splits
-from tests.conftest import compose_config
+from tests.conftest import TEST_HEAD, compose_config
 from tests.helpers import logged_runs as runs, make_image_folder, train_cli as train
 
-FAST = ["data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=2"]
+FAST = [*TEST_HEAD, "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=2"]
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_backbone, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cli")
-    overrides = [*FAST, f"backbone.handle={tiny_backbone}", "epochs=3", "lr=0.05", "model.augmentation.enabled=false"]
+    overrides = ["data=synthetic", *FAST, f"backbone.handle={tiny_backbone}", "epochs=3", "lr=0.05",
+                 "model.augmentation.enabled=false"]
     result = train(tmp_path, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = runs(tmp_path)
@@ -120,7 +121,7 @@ def test_bad_input_gets_a_one_line_error_and_leaves_no_run(case, tiny_backbone, 
         "non-image file": ["data=image_folder", f"data.root={folder}", f"backbone.handle={tiny_backbone}"],
         "invalid lr": ["data=synthetic", f"backbone.handle={tiny_backbone}", "lr=-1"],
     }[case]
-    result = train(tmp_path, *FAST[1:], *overrides)
+    result = train(tmp_path, *FAST, *overrides)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     expected = {"missing dataset": "not prepared in", "unknown backbone": "unknown backbone 'resnet9000'",

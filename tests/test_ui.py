@@ -5,7 +5,8 @@ import os
 import mlflow
 import requests
 
-from tests.helpers import free_port, running
+from src.serve import free_port
+from tests.helpers import running
 
 
 def test_make_ui_serves_the_store_runs_artifacts_and_champion(tracking_uri, tmp_path):
