@@ -29,7 +29,8 @@ from src.track import run_config
 log = logging.getLogger(__name__)
 
 ACCURACIES = [SCORE, "val/accuracy_best", "val/accuracy_tta", "cv/accuracy", "test/accuracy",
-              "test/accuracy_single_view", "test/tta_gain", "test/mean_class_accuracy", "test/top5_accuracy"]
+              "test/accuracy_single_view", "test/tta_gain", "test/mean_class_accuracy", "test/top5_accuracy",
+              "shifted/val/accuracy", "shifted/test/accuracy"]
 PROVENANCE = ["git_commit", "dataset_version", "tensorflow", "keras", "mlflow"]
 MISTAKES = 12
 
