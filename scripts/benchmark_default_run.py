@@ -11,7 +11,6 @@ included) and its val and test accuracy, read from its MLflow run.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -28,8 +27,7 @@ COMMAND = ["train.py", "backbone=mobilenet_v2_100_224"]
 
 def timed_run(work: Path, name: str, overrides: list[str]) -> tuple[float, mlflow.entities.Run]:
     """One `python train.py ...` into the store under `work`: its wall time in seconds, and its MLflow run."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "FLOWERS_CACHE_DIR": str(work / "cache"),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = cli.benchmark_env(work)
     command = [sys.executable, *COMMAND, *overrides, f"tracking.artifact_location={work}/artifacts",
                f"hydra.run.dir={work}/outputs/{name}"]
     print(f"{name}: {' '.join(command[1:])}", flush=True)

@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(work: Path, *overrides: str) -> float:
     """`python train.py ...` with the benchmark's stores; returns the wall time in seconds."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "FLOWERS_CACHE_DIR": str(work / "cache"),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = cli.benchmark_env(work)
     start = time.perf_counter()
     with open(work / "log.txt", "a") as log:
         subprocess.run([sys.executable, "train.py", *overrides, "trainer.verbose=0",

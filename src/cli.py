@@ -44,6 +44,13 @@ def model_parser(description: str, cfg: DictConfig) -> argparse.ArgumentParser:
     return parser
 
 
+def benchmark_env(work: Path) -> dict[str, str]:
+    """The environment for a benchmark's `python train.py` subprocesses: its own MLflow store and feature cache
+    under `work`, and TensorFlow's C++ logging quiet."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+            "FLOWERS_CACHE_DIR": str(work / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def benchmark_folder(prefix: str) -> Path:
     """A fresh throw-away folder for a benchmark on the offline data, printed; one line and exit without the data."""
     if not os.environ.get("TFDS_DATA_DIR"):
