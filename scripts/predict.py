@@ -74,7 +74,8 @@ def tflite_model(path: Path, top_k: int):
             images = [read_image(image, i, LIMITS["max_pixels"])[0] for i, image in enumerate(images)]
         except MlflowException as error:
             raise UserError(error.message) from None
-        pixels = np.stack([decode_and_resize(tf.constant(image), classifier.input_size).numpy() for image in images])
+        decoded = [decode_and_resize(tf.constant(image), classifier.input_sizes) for image in images]
+        pixels = {name: np.stack([d[name].numpy() for d in decoded]) for name in classifier.input_sizes}
         probabilities = classifier(pixels)
         return [[{"class_name": names[j], "label": int(j), "score": float(row[j])} for j in np.argsort(-row)[:top_k]]
                 for row in probabilities]

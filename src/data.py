@@ -7,6 +7,7 @@ for training, evaluation and the exported serving signature alike, so the three 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 import inspect
 import io
 import socket
@@ -60,16 +61,25 @@ class Splits:
                        specs={**self.specs, name: f"{self.specs[split]}:{per_class}_per_class:seed{seed}"})
 
 
-def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor:
+def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor | dict[str, tf.Tensor]:
     """JPEG/PNG/GIF/BMP/WebP bytes -> uint8 RGB image of `size` (height, width). Grey is repeated into RGB,
     CMYK converted, and transparent pixels are put on white, as a viewer shows them (dropping the alpha
     channel would show whatever colour hides under alpha 0). Only images with alpha leave uint8 before
-    the resize, so a large photo costs one byte per channel and pixel."""
+    the resize, so a large photo costs one byte per channel and pixel. `size` may also be a dict of sizes by
+    name (Network.image_sizes): then the image at each of them, by name, from one decode, each resized from the
+    photo itself (a resize of a resize blurs)."""
     image = tf.io.decode_image(image_bytes, expand_animations=False)  # uint8, 1 to 4 channels
     image = tf.cond(tf.shape(image)[-1] % 2 == 0, lambda: _on_white(image), lambda: image)  # grey+alpha, RGBA
     image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
-    image = tf.image.resize(tf.ensure_shape(image, [None, None, 3]), size, method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    image = tf.ensure_shape(image, [None, None, 3])
+    if isinstance(size, Mapping):
+        return {name: _resize(image, each) for name, each in size.items()}
+    return _resize(image, size)
+
+
+def _resize(image: tf.Tensor, size) -> tf.Tensor:
+    resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def _on_white(image: tf.Tensor) -> tf.Tensor:
@@ -79,7 +89,7 @@ def _on_white(image: tf.Tensor) -> tf.Tensor:
 
 def decoding_fingerprint() -> str:
     """The code that turns image bytes into pixels, for the feature cache key."""
-    return inspect.getsource(decode_and_resize) + inspect.getsource(_on_white)
+    return inspect.getsource(decode_and_resize) + inspect.getsource(_resize) + inspect.getsource(_on_white)
 
 
 def make_batches(ds: tf.data.Dataset, size, batch_size: int, *, cache: bool = False,

@@ -24,33 +24,44 @@ CLASSIFY_RESIZED = "classify_resized"
 CLASS_NAMES = "class_names"
 
 
+def resized_inputs(network: Network) -> dict[str, tuple[int, int]]:
+    """The `classify_resized` signature's inputs, name -> size: `images`, or one per input size (images_224x224,
+    images_260x260) for backbones of different sizes."""
+    sizes = network.image_sizes
+    return sizes if isinstance(sizes, dict) else {"images": sizes}
+
+
 def export_saved_model(model: keras.Model, network: Network, class_names: list[str], top_k: int, path: Path,
                        views=("identity",)) -> Path:
     """Write `path` (e.g. .../flowers/1) with three signatures:
     `serving_default`: image_bytes: string [batch] (JPEG/PNG; TF Serving REST: {"b64": ...})
       -> labels: int32 [batch, k], class_names: string [batch, k], scores: float32 [batch, k]; the scores are
       averaged over the test-time-augmentation `views`;
-    `classify_resized`: images: uint8 [batch, height, width, 3] at the input size -> probabilities: float32
-      [batch, classes], one view (Network.classify_resized); what the TFLite export converts;
+    `classify_resized`: images: uint8 [batch, height, width, 3] at the input size (one such input per size,
+      `resized_inputs`, for backbones of different sizes) -> probabilities: float32 [batch, classes], one view
+      (Network.classify_resized); what the TFLite export converts;
     `class_names`: no input -> class_names: string [classes], in label order."""
-    k, input_size = min(top_k, len(class_names)), network.input_size
+    k, sizes, inputs = min(top_k, len(class_names)), network.image_sizes, resized_inputs(network)
     classify = network.classify_resized(model.get_layer("head"))
     names = tf.constant(class_names)
-    image_spec = tf.TensorSpec([*input_size, 3], tf.uint8)
+    decoded = {name: tf.TensorSpec([*size, 3], tf.uint8) for name, size in inputs.items()}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
-        images = tf.map_fn(lambda b: decode_and_resize(b, input_size), image_bytes, fn_output_signature=image_spec)
+        images = tf.map_fn(lambda b: decode_and_resize(b, sizes), image_bytes,
+                           fn_output_signature=decoded if isinstance(sizes, dict) else decoded["images"])
         scores, labels = tf.math.top_k(predict_views(model, images, views), k=k)
         return {"labels": labels, "class_names": tf.gather(names, labels), "scores": scores}
+
+    def classify_images(*images):
+        return {"probabilities": classify(dict(zip(inputs, images)) if isinstance(sizes, dict) else images[0])}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
     archive.add_endpoint(CLASS_NAMES, tf.function(lambda: {"class_names": names}, input_signature=[]))
-    archive.add_endpoint(CLASSIFY_RESIZED, tf.function(
-        lambda images: {"probabilities": classify(images)},
-        input_signature=[tf.TensorSpec([None, *input_size, 3], tf.uint8, name="images")]))
+    archive.add_endpoint(CLASSIFY_RESIZED, tf.function(classify_images, input_signature=[
+        tf.TensorSpec([None, *size, 3], tf.uint8, name=name) for name, size in inputs.items()]))
     archive.write_out(str(path), verbose=False)
     return path
 

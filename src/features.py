@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedKFold
 from src import files, progress
 from src.data import Splits, make_batches
 from src.model import Network, predict_batches
-from src.views import fingerprint as view_fingerprint, fixed_view, split_view, viewed_images
+from src.views import fingerprint as view_fingerprint, fixed_views, split_view, viewed_images
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load(network: Network, splits: Splits, views: Mapping[str, Sequence[str]], b
 
 def _fields(network: Network, backbone, digests: dict, splits: Splits, split: str, view: str | None) -> dict:
     return {"backbone": backbone.module_path, "backbone_files": digests[backbone.name],
-            "input_size": list(network.size_of(backbone)), "decoded_size": list(network.input_size),
+            "input_size": list(network.size_of(backbone)), "decoded_size": list(network.size_of(backbone)),
             "preprocessing": network.fingerprint(backbone), "dataset": splits.name, "version": splits.version,
             "split": splits.specs[split], "view": view, "tensorflow": tf.__version__}
 
@@ -122,11 +122,11 @@ def _images(splits: Splits, split: str, name: str, seed: int) -> tuple[tf.data.D
 
 def _extract(network: Network, images: tuple[tf.data.Dataset, str], description: str, batch_size: int,
              paths: list[Path]) -> None:
-    """Every backbone's features of the images, from one decode, into `paths` (in the network's order)."""
+    """Every backbone's features of the images, from one decode per size, into `paths` (in the network's order)."""
     names = "+".join(b.name for b in network.backbones)
     log.info("extracting features of %s for %s", description, names)
     images, fixed = images
-    batches = make_batches(images, network.input_size, batch_size).map(lambda x, y: (fixed_view(x, fixed), y))
+    batches = make_batches(images, network.image_sizes, batch_size).map(lambda x, y: (fixed_views(x, fixed), y))
     with progress.bar(int(images.cardinality()), f"features {description} {names}", "img") as bar:
         outputs, labels = predict_batches(network.extractor(), batches, progress=bar.update)
     for backbone, path in zip(network.backbones, paths):

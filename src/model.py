@@ -1,7 +1,10 @@
 """Model: raw uint8 image (any size) -> resize + scale -> [augmentation] -> backbone(s) -> head -> probabilities.
 
 `Network` is the one forward graph: the backbones, in their order, and the preprocessing that feeds each of them
-at its own input size. It builds the trainable classifier, the feature extractor whose outputs the feature cache
+at its own input size. Backbones of different input sizes each get the photo decoded at their own size: the
+model then takes one image per size, by name (`Network.image_sizes`), since a photo decoded at the largest size
+and resized again for a smaller backbone is blurred twice (on the four offline backbones that cost logistic
+regression 0.8 points of validation accuracy; scripts/diagnose_baseline.py). It builds the trainable classifier, the feature extractor whose outputs the feature cache
 keeps, and `classify_resized`, which TFLite and OpenVINO convert. Several backbones' features are concatenated
 before one head.
 """
@@ -70,22 +73,45 @@ def build_head(num_classes: int, cfg: Head, widths: Sequence[int]) -> keras.Sequ
     return head
 
 
-def _image_input():
-    return keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+def _image_input(name: str = "image"):
+    return keras.Input(shape=(None, None, 3), dtype="uint8", name=name)
+
+
+def images_name(size) -> str:
+    """The name of the model's input at `size`, when it has one per size: images_224x224."""
+    return f"images_{size[0]}x{size[1]}"
 
 
 class Network:
-    """The backbones and how an image reaches each of them: decoded at `input_size` (the largest backbone input),
-    then resized to the backbone's own size and scaled to [0, 1]."""
+    """The backbones and how an image reaches each of them: decoded at the backbone's input size (`input_size` for
+    a backbone that has none), then resized to that size again (a no-op for decoded images, the resize for raw ones)
+    and scaled to [0, 1]."""
 
     def __init__(self, backbones: Sequence[keras.layers.Layer], input_size):
         self.backbones = list(backbones)
         self.input_size = tuple(input_size)
 
     @functools.cached_property
+    def image_sizes(self) -> tuple[int, int] | dict[str, tuple[int, int]]:
+        """What images are decoded to for this network (`data.decode_and_resize`'s `size`): one (height, width)
+        when every backbone takes the same size, else each size by its input's name (`images_name`)."""
+        sizes = list(dict.fromkeys(self.size_of(b) for b in self.backbones))
+        return sizes[0] if len(sizes) == 1 else {images_name(size): size for size in sizes}
+
+    def image_of(self, images, backbone: keras.layers.Layer):
+        """The backbone's image out of the network's images (one tensor, or a dict by size)."""
+        return images[images_name(self.size_of(backbone))] if isinstance(images, dict) else images
+
+    def inputs(self):
+        """The model's uint8 input(s), of any size: one, or one per input size by name."""
+        if not isinstance(self.image_sizes, dict):
+            return _image_input()
+        return {name: _image_input(name) for name in self.image_sizes}
+
+    @functools.cached_property
     def widths(self) -> list[int]:
         """Each backbone's number of features."""
-        return [int(f.shape[-1]) for f in self.features(_image_input())]
+        return [int(f.shape[-1]) for f in self.features(self.inputs())]
 
     def size_of(self, backbone: keras.layers.Layer) -> tuple[int, int]:
         """The backbone's own input size if it has one (a HubFeatureVector from a config), else the model's."""
@@ -109,7 +135,7 @@ class Network:
         """Each backbone's features of `images`, in the backbones' order."""
         features = []
         for backbone in self.backbones:
-            x = images
+            x = self.image_of(images, backbone)
             for layer in self.preprocessing(backbone):
                 x = layer(x)
             if augmentation is not None and augmentation.enabled:  # one per backbone, each at its own size
@@ -120,30 +146,27 @@ class Network:
 
     def classifier(self, head: keras.Sequential, augmentation: Augmentation | None = None,
                    seed: int = 0) -> keras.Model:
-        """uint8 image -> probabilities: what is trained end to end and exported."""
-        images = _image_input()
+        """uint8 image(s) -> probabilities: what is trained end to end and exported."""
+        images = self.inputs()
         features = self.features(images, augmentation, seed)
         x = layers.Concatenate(name="features")(features) if len(features) > 1 else features[0]
         return keras.Model(images, head(x), name="flower_classifier")
 
     def extractor(self) -> keras.Model:
-        """uint8 image -> each backbone's features, by its name, from one decode."""
-        images = _image_input()
+        """uint8 image(s) -> each backbone's features, by its name."""
+        images = self.inputs()
         outputs = dict(zip((b.name for b in self.backbones), self.features(images)))
         return keras.Model(images, outputs, name="feature_extractor")
 
     def classify_resized(self, head: keras.layers.Layer):
-        """The classifier without its resize layers: uint8 images already at the input size (as `decode_and_resize`
-        gives them) -> probabilities, one view. TFLite runs this: it has no antialiased resize op. So a backbone with
-        a smaller input than the model's gets a plain bilinear resize here, and sees slightly different pixels than
-        in the serving signature."""
+        """The classifier without its resize layers: uint8 images already at their decoded size (as
+        `decode_and_resize` gives them at `image_sizes`) -> probabilities, one view. TFLite runs this: it has no
+        antialiased resize op."""
         def classify(images):
-            x = tf.cast(images, "float32") * (1 / 255)  # as the Rescaling layer
             features = []
             for backbone in self.backbones:
-                size = self.size_of(backbone)
-                resized = x if size == self.input_size else tf.image.resize(x, size, method="bilinear")
-                features.append(backbone(resized, training=False))
+                x = tf.cast(self.image_of(images, backbone), "float32") * (1 / 255)  # as the Rescaling layer
+                features.append(backbone(x, training=False))
             return head(tf.concat(features, axis=-1) if len(features) > 1 else features[0], training=False)
         return classify
 

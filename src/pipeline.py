@@ -209,14 +209,15 @@ def log_results(job: Job, inputs: Inputs, trained: Trained, tested: Evaluation, 
     confusion matrix (rows: true class, columns: predicted), and every validation and test image's prediction, by
     its index in the split."""
     class_names = inputs.splits.class_names
-    images, labels = next(iter(make_batches(inputs.splits.test, inputs.network.input_size,
-                                            job.export.sample_predictions)))
+    sizes = inputs.network.image_sizes
+    images, labels = next(iter(make_batches(inputs.splits.test, sizes, job.export.sample_predictions)))
+    shown = images[max(sizes, key=sizes.get)] if isinstance(sizes, dict) else images  # the largest
     figures = {
         "plots/training_curves.png": plots.training_curves(trained.curves, job.run_name),
         "plots/confusion_matrix.png": plots.confusion_matrix(tested.confusion, class_names,
                                                              f"{job.run_name}: test confusion matrix"),
         "plots/test_predictions.png": plots.sample_predictions(
-            images.numpy(), labels.numpy(), predict_views(trained.final.model, images, job.tta).numpy(), class_names,
+            shown.numpy(), labels.numpy(), predict_views(trained.final.model, images, job.tta).numpy(), class_names,
             f"{job.run_name}: test predictions"),
     }
     for artifact_file, figure in figures.items():

@@ -3,7 +3,8 @@
 with the SavedModel on the test split: accuracy, agreement, size and one-image latency.
 
 All of them convert the SavedModel's `classify_resized` signature: uint8 images already resized to the model's
-input size (`decode_and_resize`, as in training) -> class probabilities; the scaling to [0, 1] is inside. The
+input size (`decode_and_resize`, as in training; one input per size for backbones of different sizes) -> class
+probabilities; the scaling to [0, 1] is inside. Images go in as a dict, input name -> uint8 batch. The
 TFLite models' class names are in `labels.txt` beside them, one per line, in label order.
 """
 
@@ -31,19 +32,21 @@ from src.track import run_config
 QUANTIZATIONS = ("float16", "int8")
 
 
-def convert(saved_model_dir: Path, quantization: str, representative: np.ndarray | None = None) -> bytes:
+def convert(saved_model_dir: Path, quantization: str, representative: dict[str, np.ndarray] | None = None) -> bytes:
     """float16: weights stored as float16. int8: weights and activations int8 (post-training quantisation),
-    calibrated on `representative` images (uint8, [n, height, width, 3], from train)."""
+    calibrated on `representative` images (input name -> uint8 [n, height, width, 3], from train)."""
     if quantization not in QUANTIZATIONS:
         raise UserError(f"quantization {quantization!r} is unknown; use one of: {', '.join(QUANTIZATIONS)}")
-    if quantization == "int8" and (representative is None or not len(representative)):
+    count = len(next(iter(representative.values()))) if representative else 0
+    if quantization == "int8" and not count:
         raise UserError("int8 conversion needs representative train images to calibrate on")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[CLASSIFY_RESIZED])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
     else:
-        converter.representative_dataset = lambda: ({"images": image[None]} for image in representative)
+        converter.representative_dataset = lambda: ({name: images[i][None] for name, images in representative.items()}
+                                                     for i in range(count))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()
 
@@ -60,7 +63,7 @@ def interpreter(model: bytes | Path, threads: int | None = None):
 
 
 class Classifier:
-    """uint8 images at the input size -> probabilities, with one TFLite interpreter."""
+    """uint8 images at the input size(s), input name -> batch -> probabilities, with one TFLite interpreter."""
 
     def __init__(self, model: bytes | Path, threads: int | None = None):
         try:
@@ -68,11 +71,11 @@ class Classifier:
         except ValueError as error:
             raise UserError(f"{model if isinstance(model, Path) else 'the model'} is not a TFLite export of this "
                             f"project ({' '.join(str(error).split())[:120]}); write one with make export-tflite") from None
-        details = self.runner.get_input_details()["images"]
-        self.input_size = tuple(int(d) for d in details["shape"][1:3])
+        self.input_sizes = {name: tuple(int(d) for d in details["shape"][1:3])
+                            for name, details in self.runner.get_input_details().items()}
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.runner(images=images)["probabilities"]
+    def __call__(self, images: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runner(**images)["probabilities"]
 
 
 def to_openvino(saved_model_dir: Path, folder: Path):
@@ -89,18 +92,19 @@ def to_openvino(saved_model_dir: Path, folder: Path):
 
 def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches, latency_image: np.ndarray,
             latency_runs: int = 50) -> pd.DataFrame:
-    """Each model's accuracy on `batches` of (uint8 images, labels), its top-1 agreement with the SavedModel,
-    its size (`files`) and its median latency for one image on this CPU. `runners`: name -> function of uint8
-    images; the SavedModel comes first."""
+    """Each model's accuracy on `batches` of (uint8 images by input name, labels), its top-1 agreement with the
+    SavedModel, its size (`files`) and its median latency for one image on this CPU. `runners`: name -> function of
+    uint8 images by input name; the SavedModel comes first."""
     loaded = tf.saved_model.load(str(saved_model_dir))  # the signature needs the object that holds its variables
     reference = loaded.signatures[CLASSIFY_RESIZED]
-    models = {"saved_model": lambda images: reference(images=tf.constant(images))["probabilities"].numpy(),
+    models = {"saved_model": lambda images: reference(**{k: tf.constant(v) for k, v in images.items()})
+              ["probabilities"].numpy(),
               **runners}
     files = {"saved_model": [Path(saved_model_dir)], **files}
     predicted = {name: [] for name in models}
     labels = []
     for images, batch_labels in batches:
-        images = images.numpy()
+        images = {name: batch.numpy() for name, batch in images.items()}
         for name, model in models.items():
             predicted[name].append(model(images).argmax(axis=1))
         labels.append(batch_labels.numpy())
@@ -119,8 +123,8 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
     return table
 
 
-def _latency(model, image: np.ndarray, runs: int) -> float:
-    batch = image[None]
+def _latency(model, image: dict[str, np.ndarray], runs: int) -> float:
+    batch = {name: each[None] for name, each in image.items()}
     for _ in range(5):  # warm up: graph tracing, allocation
         model(batch)
     times = []
@@ -145,14 +149,14 @@ def resolve_model(client: mlflow.MlflowClient, model_uri: str | None, name: str)
     return model_uri, info.run_id, f"run-{info.run_id}"
 
 
-def input_size(saved_model_dir: Path) -> tuple[int, int]:
-    """The size `classify_resized` takes images at: the model's input size."""
+def input_sizes(saved_model_dir: Path) -> dict[str, tuple[int, int]]:
+    """The sizes `classify_resized` takes images at, by input name: the model's input size(s)."""
     loaded = tf.saved_model.load(str(saved_model_dir))
     if CLASSIFY_RESIZED not in loaded.signatures:
         raise UserError(f"{saved_model_dir} has no '{CLASSIFY_RESIZED}' signature: an older version of this "
                         "project exported it; train and register a new model")
-    shape = loaded.signatures[CLASSIFY_RESIZED].structured_input_signature[1]["images"].shape
-    return int(shape[1]), int(shape[2])
+    inputs = loaded.signatures[CLASSIFY_RESIZED].structured_input_signature[1]
+    return {name: (int(spec.shape[1]), int(spec.shape[2])) for name, spec in inputs.items()}
 
 
 def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None) -> pd.DataFrame:
@@ -169,8 +173,9 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
     splits = load_splits(run_cfg.data)
     with tempfile.TemporaryDirectory() as tmp, files.replaced(folder, folder=True) as staging:
         saved_model = saved_model_of(model_uri, Path(tmp))
-        size = input_size(saved_model)
-        calibration = next(iter(make_batches(splits.train, size, representative, shuffle_seed=run_cfg.seed)))[0].numpy()
+        sizes = input_sizes(saved_model)
+        calibration = next(iter(make_batches(splits.train, sizes, representative, shuffle_seed=run_cfg.seed)))[0]
+        calibration = {name: images.numpy() for name, images in calibration.items()}
         written, runners = {}, {}
         try:
             for quantization in QUANTIZATIONS:
@@ -182,8 +187,8 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
                 written["openvino"] = [staging / "openvino.xml", staging / "openvino.bin"]
         except (ConverterError, RuntimeError) as error:
             raise UserError(f"cannot convert {model_uri}: {' '.join(str(error).split())[:300]}") from None
-        test = make_batches(splits.test.take(test_images) if test_images else splits.test, size, 32)
-        table = compare(saved_model, written, runners, test, next(iter(test))[0].numpy()[0])
+        test = make_batches(splits.test.take(test_images) if test_images else splits.test, sizes, 32)
+        table = compare(saved_model, written, runners, test, {k: v.numpy()[0] for k, v in next(iter(test))[0].items()})
         if "openvino" in runners:
             table.loc[table["model"] == "openvino", "model"] = f"openvino ({openvino_precision})"
         (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")

@@ -33,7 +33,7 @@ from src.features import Features
 from src.model import Network, build_head, normalization, predict_batches
 from src.spec import Job
 from src.train import Schedule, compile_model, fit
-from src.views import fixed_view, predict_views, split_view, viewed_images
+from src.views import fixed_views, predict_views, split_view, viewed_images
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _training_batches(ctx: Context, names: tuple[str, ...]) -> tf.data.Dataset:
         ds = ds.concatenate(ctx.splits.get(name))
 
     def batches(images):
-        return make_batches(images, ctx.network.input_size, job.batch_size, cache=job.data.cache, shuffle_seed=job.seed)
+        return make_batches(images, ctx.network.image_sizes, job.batch_size, cache=job.data.cache, shuffle_seed=job.seed)
 
     plain = batches(ds)
     if len(job.train_views) == 1:
@@ -347,12 +347,12 @@ def _training_batches(ctx: Context, names: tuple[str, ...]) -> tf.data.Dataset:
     for name in job.train_views:
         image, fixed = split_view(name)
         source = batches(viewed_images(ds, image, job.seed)) if image else plain
-        streams.append(source.map(lambda images, labels, fixed=fixed: (fixed_view(images, fixed), labels)))
+        streams.append(source.map(lambda images, labels, fixed=fixed: (fixed_views(images, fixed), labels)))
     return tf.data.Dataset.sample_from_datasets(streams, seed=job.seed)
 
 
 def _split_batches(ctx: Context, name: str) -> tf.data.Dataset:
-    return make_batches(ctx.splits.get(name), ctx.network.input_size, ctx.job.batch_size, cache=ctx.job.data.cache)
+    return make_batches(ctx.splits.get(name), ctx.network.image_sizes, ctx.job.batch_size, cache=ctx.job.data.cache)
 
 
 def _image_predictor(ctx: Context, model: keras.Model) -> Predictor:
@@ -367,7 +367,7 @@ def _image_predictor(ctx: Context, model: keras.Model) -> Predictor:
             images = ctx.splits.get(split)
             images = viewed_images(images, image, ctx.job.seed) if image else images
             outputs.append(predict_batches(lambda x, training=False, fixed=fixed: predict_views(model, x, fixed),
-                                           make_batches(images, ctx.network.input_size, ctx.job.batch_size)))
+                                           make_batches(images, ctx.network.image_sizes, ctx.job.batch_size)))
         if len(outputs) == 1:
             return outputs[0]
         weights = [len(fixed) for fixed in groups.values()]

@@ -124,6 +124,11 @@ def fingerprint(name: str, seed: int = 0) -> str | None:
     return f"{name}:{CENTER_FRACTION}:{inspect.getsource(view)}"
 
 
-def predict_views(model, images: tf.Tensor, views) -> tf.Tensor:
-    """The mean of `model`'s outputs over the fixed views of `images`."""
-    return tf.reduce_mean(tf.stack([model(fixed_view(images, v), training=False) for v in views]), axis=0)
+def fixed_views(images, name: str):
+    """`fixed_view` of a model's images: one batch, or a dict of them by size (Network.image_sizes)."""
+    return tf.nest.map_structure(lambda each: fixed_view(each, name), images)
+
+
+def predict_views(model, images, views) -> tf.Tensor:
+    """The mean of `model`'s outputs over the fixed views of `images` (one batch, or a dict of them by size)."""
+    return tf.reduce_mean(tf.stack([model(fixed_views(images, v), training=False) for v in views]), axis=0)

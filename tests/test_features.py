@@ -60,9 +60,12 @@ def test_the_key_changes_with_everything_that_changes_the_features(tiny_backbone
     assert files_for([tiny], (32, 32), tmp_path / "view", view="flip") != original
     other_split = load_splits(compose_config("data=synthetic", "data.images_per_class.test=10").data)
     assert files_for([tiny], (32, 32), tmp_path / "version", data=other_split) != original
-    # decoded at 48, resized by the network to the backbone's own 32: other pixels, another key
+    # a backbone with its own size is decoded at it, whatever the model's size or the other backbones: one key
     own_size = HubFeatureVector(tiny_backbone, name="tiny", input_size=(32, 32))
-    assert files_for([own_size], (48, 48), tmp_path / "decoded") != original
+    larger = HubFeatureVector(tiny_backbone, name="larger", input_size=(40, 40))
+    assert files_for([own_size], (48, 48), tmp_path / "decoded") == original
+    assert files_for([own_size, larger], (48, 48), tmp_path / "decoded") == original | files_for([larger], (40, 40),
+                                                                                                 tmp_path / "alone")
 
     copy = shutil.copytree(tiny_backbone, tmp_path / "copy")
     moved = files_for([HubFeatureVector(str(copy), name="tiny")], (32, 32), tmp_path / "copy_cache")

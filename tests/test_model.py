@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from src.backbone import HubFeatureVector
+from src.data import decode_and_resize
 from src.model import Network, SplitUnitNormalization, build_head
 from src.spec import Augmentation, Head
 from tests.tiny_backbone import save_tiny_backbone
@@ -15,7 +16,7 @@ HEAD = Head("dense", dropout=0.0, normalize_features=True, label_smoothing=0.0)
 
 @pytest.fixture(scope="module")
 def network(tiny_backbone, tmp_path_factory):
-    """Two tiny backbones of different widths and input sizes: images are decoded at the larger one."""
+    """Two tiny backbones of different widths and input sizes: each gets the image decoded at its own size."""
     wide = save_tiny_backbone(str(tmp_path_factory.mktemp("backbones") / "wide"), features=24, seed=1)
     return Network([HubFeatureVector(tiny_backbone, name="small", input_size=(32, 32)),
                     HubFeatureVector(wide, name="large", input_size=(48, 48))], (48, 48))
@@ -23,16 +24,33 @@ def network(tiny_backbone, tmp_path_factory):
 
 @pytest.fixture
 def images():
-    return np.random.default_rng(0).integers(0, 256, size=(4, 48, 48, 3), dtype=np.uint8)
+    """The same photos decoded at each backbone's size."""
+    photos = np.random.default_rng(0).integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)
+    encoded = [tf.io.encode_png(photo) for photo in photos]
+    return {name: tf.stack([decode_and_resize(e, size) for e in encoded])
+            for name, size in {"images_32x32": (32, 32), "images_48x48": (48, 48)}.items()}
 
 
 def test_raw_uint8_images_of_any_size_go_in_and_class_probabilities_come_out(network):
     model = network.classifier(build_head(5, HEAD, network.widths))
-    assert model.input.dtype == "uint8" and network.widths == [16, 24]
+    assert network.image_sizes == {"images_32x32": (32, 32), "images_48x48": (48, 48)}
+    assert all(x.dtype == "uint8" for x in model.inputs) and network.widths == [16, 24]
     for shape in ((4, 50, 70, 3), (2, 20, 30, 3)):
-        probabilities = model(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8), training=False)
+        raw = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+        probabilities = model({"images_32x32": raw, "images_48x48": raw}, training=False)
         assert probabilities.shape == (shape[0], 5)
         np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1, rtol=1e-5)
+
+
+def test_one_size_takes_one_image_and_each_backbone_sees_its_own_decode(network, images):
+    small, large = network.backbones
+    assert Network([small], (48, 48)).image_sizes == (32, 32)  # a backbone's own size wins over the model's
+    assert Network([small, small], (32, 32)).image_sizes == (32, 32)
+    # in the pair, the small backbone's features are those it computes alone: decoded at 32, not resized from 48
+    alone = Network([small], (32, 32)).extractor()(images["images_32x32"])
+    np.testing.assert_allclose(network.extractor()(images)["small"], alone["small"], atol=1e-6)
+    from_48 = Network([small], (32, 32)).extractor()(images["images_48x48"])["small"]
+    assert not np.allclose(from_48, alone["small"], atol=1e-4)
 
 
 def test_the_extractor_and_classify_resized_feed_the_head_as_the_classifier_does(network, images):
@@ -45,10 +63,8 @@ def test_the_extractor_and_classify_resized_feed_the_head_as_the_classifier_does
     # features in the other order are another model: the order lives in the network, not in each caller
     swapped = head(np.concatenate([features["large"][:, :16], features["small"], features["large"][:, 16:]], axis=1))
     assert not np.allclose(swapped, expected, atol=1e-3)
-    # TFLite's graph resizes the smaller backbone's input without antialiasing: close, not equal
-    resized = network.classify_resized(head)(tf.constant(images)).numpy()
-    np.testing.assert_allclose(resized, expected, atol=0.05)
-    assert (resized.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.75
+    # TFLite's graph, without resize layers: images decoded at each size need none
+    np.testing.assert_allclose(network.classify_resized(head)(images).numpy(), expected, atol=1e-5)
 
 
 def test_augmentation_is_random_in_training_and_off_in_inference(network, images):

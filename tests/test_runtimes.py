@@ -13,7 +13,7 @@ import pytest
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits, make_batches
 from src.pipeline import run_job
-from src.runtimes import Classifier, convert, input_size, interpreter
+from src.runtimes import Classifier, convert, input_sizes, interpreter
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
 import export_tflite  # noqa: E402
@@ -56,8 +56,8 @@ def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):
     classifier = Classifier(folder / "int8.tflite")
     tensors = interpreter(folder / "int8.tflite").get_tensor_details()
     assert sum(d["dtype"] == np.int8 for d in tensors) > len(tensors) / 2  # weights and activations
-    images, labels = next(iter(make_batches(load_splits(cfg.data).test, classifier.input_size, 80)))
-    probabilities = classifier(images.numpy())
+    images, labels = next(iter(make_batches(load_splits(cfg.data).test, classifier.input_sizes, 80)))
+    probabilities = classifier({name: batch.numpy() for name, batch in images.items()})
     assert probabilities.shape == (80, 4) and np.allclose(probabilities.sum(axis=1), 1, atol=0.02)
     assert (probabilities.argmax(axis=1) == labels.numpy()).mean() >= 0.75
 
@@ -84,6 +84,24 @@ def test_predict_runs_the_tflite_file_and_rejects_what_is_not_an_image(exported,
                                                    "send JPEG, PNG, GIF, BMP, WEBP")
 
 
+def test_backbones_of_two_sizes_export_with_one_input_per_size(synthetic_cfg, tiny_backbone, tmp_path):
+    cfg = synthetic_cfg.copy()
+    cfg.merge_with({"epochs": 3, "lr": 0.05, "backbones": [{"name": "small", "handle": tiny_backbone,
+                                                            "input_size": [32, 32]},
+                                                           {"name": "large", "handle": tiny_backbone,
+                                                            "input_size": [48, 48]}]})
+    run_job(cfg, tmp_path / "job")
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    out = tmp_path / "tflite"
+    assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(out),
+                               "--representative", "40"]) == 0
+    folder = out / f"run-{run.info.run_id}"
+    assert Classifier(folder / "int8.tflite").input_sizes == {"images_32x32": (32, 32), "images_48x48": (48, 48)}
+    table = pd.read_csv(folder / "comparison.csv")
+    assert len(table) == 4 and table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
+    assert (table["agreement_with_saved_model"] >= 0.95).all()
+
+
 def test_a_saved_model_without_the_resized_images_signature_is_a_one_line_error(tmp_path):
     import tensorflow as tf
 
@@ -91,7 +109,7 @@ def test_a_saved_model_without_the_resized_images_signature_is_a_one_line_error(
     module.f = tf.function(lambda x: x + 1, input_signature=[tf.TensorSpec([None], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "old"), signatures={"serving_default": module.f})
     with pytest.raises(UserError, match="has no 'classify_resized' signature: an older version of this project exported it"):
-        input_size(tmp_path / "old")
+        input_sizes(tmp_path / "old")
 
 
 def test_without_a_champion_export_tflite_says_what_to_do(tracking_uri, capsys):
@@ -105,7 +123,7 @@ def test_an_unknown_quantization_or_int8_without_calibration_images_is_a_user_er
     with pytest.raises(UserError, match="quantization 'int4' is unknown; use one of: float16, int8"):
         convert(folder, "int4")
     with pytest.raises(UserError, match="int8 conversion needs representative train images to calibrate on"):
-        convert(folder, "int8", np.zeros((0, 32, 32, 3), np.uint8))
+        convert(folder, "int8", {"images": np.zeros((0, 32, 32, 3), np.uint8)})
 
 
 def test_a_failed_conversion_keeps_the_previous_export_and_logs_nothing_more(exported, monkeypatch, capsys):
