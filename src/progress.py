@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -12,3 +13,11 @@ def bar(total: int | None, description: str, unit: str = "it") -> tqdm:
     interactive = sys.stderr.isatty()
     return tqdm(total=total if total and total > 0 else None, desc=description, unit=unit, file=sys.stderr,
                 mininterval=0.5 if interactive else 30, dynamic_ncols=interactive, ascii=not interactive)
+
+
+def each(items: Sequence, description: str, unit: str = "it") -> Iterator:
+    """`items` one by one, with a progress bar."""
+    with bar(len(items), description, unit) as progress:
+        for item in items:
+            yield item
+            progress.update()

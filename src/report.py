@@ -21,7 +21,7 @@ import sqlalchemy
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from src import compare, files, plots, search, selection, stats
+from src import compare, files, plots, progress, search, selection, stats
 from src.config import CONF_DIR, UserError
 from src.selection import LOSS, SCORE, configuration_columns, finished, markdown
 from src.track import run_config
@@ -120,7 +120,8 @@ def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -
                         "run it, or fix report.baseline in the experiment's config")
     keys = [c for c in configuration_columns(table) if done[c].notna().any()]
     varying = [c for c in keys if done[c].nunique(dropna=False) > 1]
-    predictions = {run_id: compare.load_predictions(run_id) for run_id in done["run_id"]}
+    predictions = {run_id: compare.load_predictions(run_id)
+                   for run_id in progress.each(list(done["run_id"]), "per-image predictions", "run")}
     rows = []
     for _, group in done[~is_baseline].groupby(keys, dropna=False, sort=False):
         first = group.iloc[0]
@@ -315,7 +316,7 @@ def _label(runs: pd.DataFrame, run_id: str) -> str:
 
 def _val_curves(client: mlflow.MlflowClient, runs: pd.DataFrame) -> dict[str, pd.Series]:
     curves = {}
-    for run_id in runs["run_id"]:
+    for run_id in progress.each(list(runs["run_id"]), "validation curves", "run"):
         history = client.get_metric_history(run_id, "val/accuracy")
         if history:
             curves[_label(runs, run_id)] = pd.Series([m.value for m in history],

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from src import files, plots, register
+from src import files, plots, progress, register
 from src.config import UserError
 from src.data import load_splits, make_batches
 from src.export import CLASSIFY_RESIZED, saved_model_of, size_mb
@@ -90,11 +90,12 @@ def to_openvino(saved_model_dir: Path, folder: Path):
     return (lambda images: compiled(images)[0]), compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
-def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches, latency_image: np.ndarray,
-            latency_runs: int = 50) -> pd.DataFrame:
+def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches,
+            latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None) -> pd.DataFrame:
     """Each model's accuracy on `batches` of (uint8 images by input name, labels), its top-1 agreement with the
     SavedModel, its size (`files`) and its median latency for one image on this CPU. `runners`: name -> function of
-    uint8 images by input name; the SavedModel comes first."""
+    uint8 images by input name; the SavedModel comes first. `images`: how many `batches` hold, for the progress
+    bar."""
     loaded = tf.saved_model.load(str(saved_model_dir))  # the signature needs the object that holds its variables
     reference = loaded.signatures[CLASSIFY_RESIZED]
     models = {"saved_model": lambda images: reference(**{k: tf.constant(v) for k, v in images.items()})
@@ -103,11 +104,13 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
     files = {"saved_model": [Path(saved_model_dir)], **files}
     predicted = {name: [] for name in models}
     labels = []
-    for images, batch_labels in batches:
-        images = {name: batch.numpy() for name, batch in images.items()}
-        for name, model in models.items():
-            predicted[name].append(model(images).argmax(axis=1))
-        labels.append(batch_labels.numpy())
+    with progress.bar(images, f"test images through {len(models)} models", "img") as bar:
+        for batch, batch_labels in batches:
+            batch = {name: each.numpy() for name, each in batch.items()}
+            for name, model in models.items():
+                predicted[name].append(model(batch).argmax(axis=1))
+            labels.append(batch_labels.numpy())
+            bar.update(len(labels[-1]))
     labels = np.concatenate(labels)
     predicted = {name: np.concatenate(p) for name, p in predicted.items()}
     sizes = {name: size_mb(*paths) for name, paths in files.items()}
@@ -177,18 +180,22 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
         calibration = next(iter(make_batches(splits.train, sizes, representative, shuffle_seed=run_cfg.seed)))[0]
         calibration = {name: images.numpy() for name, images in calibration.items()}
         written, runners = {}, {}
+        targets = [*QUANTIZATIONS, *(["openvino"] if importlib.util.find_spec("openvino") else [])]
         try:
-            for quantization in QUANTIZATIONS:
-                written[quantization] = [staging / f"{quantization}.tflite"]
-                written[quantization][0].write_bytes(convert(saved_model, quantization, calibration))
-                runners[quantization] = Classifier(written[quantization][0])
-            if importlib.util.find_spec("openvino"):
-                runners["openvino"], openvino_precision = to_openvino(saved_model, staging)
-                written["openvino"] = [staging / "openvino.xml", staging / "openvino.bin"]
+            for target in progress.each(targets, "converting", "model"):
+                if target == "openvino":
+                    runners[target], openvino_precision = to_openvino(saved_model, staging)
+                    written[target] = [staging / "openvino.xml", staging / "openvino.bin"]
+                else:
+                    written[target] = [staging / f"{target}.tflite"]
+                    written[target][0].write_bytes(convert(saved_model, target, calibration))
+                    runners[target] = Classifier(written[target][0])
         except (ConverterError, RuntimeError) as error:
             raise UserError(f"cannot convert {model_uri}: {' '.join(str(error).split())[:300]}") from None
-        test = make_batches(splits.test.take(test_images) if test_images else splits.test, sizes, 32)
-        table = compare(saved_model, written, runners, test, {k: v.numpy()[0] for k, v in next(iter(test))[0].items()})
+        test_split = splits.test.take(test_images) if test_images else splits.test
+        test = make_batches(test_split, sizes, 32)
+        table = compare(saved_model, written, runners, test, {k: v.numpy()[0] for k, v in next(iter(test))[0].items()},
+                        images=int(test_split.cardinality()))
         if "openvino" in runners:
             table.loc[table["model"] == "openvino", "model"] = f"openvino ({openvino_precision})"
         (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")

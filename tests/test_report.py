@@ -156,7 +156,8 @@ def log_predictions(client, run_id, tmp_path, correct, one_view=None, version="v
         client.set_tag(run_id, key, value)
 
 
-def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_pooled(tracking_uri, tmp_path):
+def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_pooled(tracking_uri, tmp_path,
+                                                                                       capsys):
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("techniques", artifact_location=str(tmp_path / "artifacts"))
     first_80, first_90 = np.arange(100) < 80, np.arange(100) < 90
@@ -179,7 +180,9 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
     assert report.declared_baseline(["model.head=logistic_regression"], ["backbone"]) == declared
     with pytest.raises(UserError, match="--baseline model.head is invalid: expected PARAM=VALUE pairs"):
         report.declared_baseline(["model.head"], [])
+    capsys.readouterr()
     compared = report.comparisons(report.experiment_runs(client, "techniques"), table, declared)
+    assert "per-image predictions: 100%" in capsys.readouterr().err  # one download per run, shown as they go
     served = compared[compared["view"] == "as served"].set_index("seed")
     assert list(served.index) == ["1", "2", "pooled (2)"] and set(compared["baseline_seed"]) >= {"1"}
     # seed 1 is right on 10 images the baseline gets wrong, and wrong on none it gets right: McNemar's exact

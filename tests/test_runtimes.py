@@ -84,7 +84,7 @@ def test_predict_runs_the_tflite_file_and_rejects_what_is_not_an_image(exported,
                                                    "send JPEG, PNG, GIF, BMP, WEBP")
 
 
-def test_backbones_of_two_sizes_export_with_one_input_per_size(synthetic_cfg, tiny_backbone, tmp_path):
+def test_backbones_of_two_sizes_export_with_one_input_per_size(synthetic_cfg, tiny_backbone, tmp_path, capsys):
     cfg = synthetic_cfg.copy()
     cfg.merge_with({"epochs": 3, "lr": 0.05, "backbones": [{"name": "small", "handle": tiny_backbone,
                                                             "input_size": [32, 32]},
@@ -93,8 +93,12 @@ def test_backbones_of_two_sizes_export_with_one_input_per_size(synthetic_cfg, ti
     run_job(cfg, tmp_path / "job")
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     out = tmp_path / "tflite"
+    capsys.readouterr()
     assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(out),
                                "--representative", "40"]) == 0
+    progress = capsys.readouterr().err
+    assert "converting: 100%" in progress and "3/3" in progress  # float16, int8, OpenVINO
+    assert "test images through 4 models: 100%" in progress and "80/80" in progress
     folder = out / f"run-{run.info.run_id}"
     assert Classifier(folder / "int8.tflite").input_sizes == {"images_32x32": (32, 32), "images_48x48": (48, 48)}
     table = pd.read_csv(folder / "comparison.csv")
