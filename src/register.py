@@ -19,11 +19,12 @@ from src.config import UserError
 
 CHAMPION = "champion"
 SCORE_TAG = "selection_score"
-# Run metric or tag -> model version tag.
+# Run metric or tag -> model version tag; a run logged before a metric existed gets no tag for it.
 VERSION_METRICS = {selection.SCORE: SCORE_TAG, selection.LOSS: "selection_loss",
                    "val/accuracy_best": "val_accuracy", "test/accuracy": "test_accuracy",
                    "test/accuracy_ci_low": "test_accuracy_ci_low", "test/accuracy_ci_high": "test_accuracy_ci_high",
-                   "test/top5_accuracy": "test_top5_accuracy"}
+                   "test/top5_accuracy": "test_top5_accuracy",
+                   **{cost: cost for cost in selection.COSTS}}
 VERSION_RUN_TAGS = {"backbone": "backbone", "dataset": "dataset", "dataset_version": "data_version",
                     "validation_split": "validation_split", selection.METRIC_TAG: "selection_metric",
                     "git_commit": "git_commit"}

@@ -10,7 +10,8 @@ from PIL import Image
 from src import register
 from src.config import PROJECT_ROOT, UserError
 from src.export import log_pyfunc_model
-from src.selection import LOSS, SCORE
+from src.pipeline import run_job
+from src.selection import COSTS, LOSS, PASSES, SCORE
 from tests.helpers import export_tiny
 
 EXPERIMENT = "flowers102"
@@ -56,8 +57,22 @@ def test_the_best_run_by_its_score_becomes_version_1_and_champion_with_its_metri
     assert float(tags["test_accuracy"]) == pytest.approx(0.75) and float(tags["test_top5_accuracy"]) == 0.99
     assert (tags["backbone"], tags["run_id"], tags["data_version"]) == ("tiny", best, "v1")
     assert tags["validation_split"] == "validation"
+    assert not set(COSTS) & set(tags)  # a run logged before its serving cost was measured
     loaded = mlflow.pyfunc.load_model("models:/flowers@champion")
     assert loaded.metadata.run_id == best
+
+
+def test_a_trained_run_logs_its_serving_cost_and_its_registered_version_carries_it(synthetic_cfg, tmp_path):
+    cfg = synthetic_cfg.copy()
+    cfg.merge_with({"model": {"tta": "flip", "augmentation": {"enabled": False}}})
+    metrics = run_job(cfg, tmp_path / "job")
+    client = mlflow.MlflowClient()
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    cost = {name: run.data.metrics[name] for name in COSTS}
+    assert cost == {name: metrics[name] for name in COSTS} and all(value > 0 for value in cost.values())
+    assert cost[PASSES] == 2  # one backbone, two views: the image and its mirror
+    version = register.register_best(client, cfg.tracking.experiment_name, "flowers").version
+    assert {name: float(version.tags[name]) for name in COSTS} == cost
 
 
 def test_a_worse_run_is_registered_but_the_champion_stays_and_a_better_one_takes_the_alias(log_run):
