@@ -60,16 +60,17 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
     if not runs:
         scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
         raise UserError(f"no finished run with {selection.SCORE} in {scope}; train first (make train)")
-    return within_limits(runs, limits) if limits else runs[0]
+    return _within_limits(runs, limits) if limits else runs[0]
 
 
-def within_limits(runs: list[Run], limits: dict[str, float]) -> Run:
+def _within_limits(runs: list[Run], limits: dict[str, float]) -> Run:
     """The first of `runs` (best first) whose costs are all within `limits`. A run without one of the limited
     metrics (logged before it was measured) is left out."""
     for metric in limits:
         missing = sum(metric not in run.data.metrics for run in runs)
         if missing:
-            log.warning("%d of %d runs have no %s (logged before it was measured): left out", missing, len(runs), metric)
+            log.warning("%d of %d runs have no %s (logged before it was measured): left out", missing, len(runs),
+                        metric)
     measured = [run for run in runs if all(metric in run.data.metrics for metric in limits)]
     within = [run for run in measured if all(run.data.metrics[m] <= limit for m, limit in limits.items())]
     if within:

@@ -268,7 +268,8 @@ def test_report_marks_the_pareto_fronts_of_the_runs_that_logged_their_serving_co
     assert list(costs.index) == [runs[name] for name in ("accurate", "fast", "neither", "small")]  # best first
     assert set(costs.index[costs["pareto_latency"]]) == {runs["accurate"], runs["fast"]}
     assert set(costs.index[costs["pareto_size"]]) == {runs["accurate"], runs["small"]}
-    assert list(costs[PASSES]) == [4, 1, 2, 1] and list(costs["test/accuracy"]) == pytest.approx([0.88, 0.83, 0.82, 0.78])
+    assert list(costs[PASSES]) == [4, 1, 2, 1]
+    assert list(costs["test/accuracy"]) == pytest.approx([0.88, 0.83, 0.82, 0.78])
 
 
 def test_report_draws_the_optuna_study_of_the_experiments_sweep(store, tmp_path):
