@@ -3,20 +3,23 @@
     python scripts/register_best.py                       # best run of the experiment (tracking.experiment_name)
     python scripts/register_best.py --sweep <parent run id>   # best job of one sweep
     python scripts/register_best.py --run-id <run id>     # this run
+    python scripts/register_best.py --max-latency-ms 30 --max-size-mb 50   # the best run within these costs
 
 Best = first in the selection order of src/selection.py (CV or val accuracy, then the matching loss, then the
-earlier run). The store is MLFLOW_TRACKING_URI or the project's mlflow.db. The `champion` alias moves only when
-the new version beats it on what both were selected on.
+earlier run); with limits, among the runs within them (the costs each run logged at export). The store is
+MLFLOW_TRACKING_URI or the project's mlflow.db. The `champion` alias moves only when the new version beats it
+on what both were selected on.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import mlflow
 
-from src import cli, register
+from src import cli, register, selection
 
 
 @cli.command
@@ -28,9 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     scope.add_argument("--sweep", metavar="RUN_ID", help="only the jobs of this sweep (its parent run id)")
     scope.add_argument("--run-id", help="register this run instead of the best one")
     parser.add_argument("--name", default=cfg.registry.model_name, help="registered model name")
+    parser.add_argument("--max-latency-ms", type=float, help=f"only runs whose {selection.LATENCY} is at most this")
+    parser.add_argument("--max-size-mb", type=float, help=f"only runs whose {selection.SIZE} is at most this")
     args = parser.parse_args(argv)
+    limits = {metric: limit for metric, limit in ((selection.LATENCY, args.max_latency_ms),
+                                                  (selection.SIZE, args.max_size_mb)) if limit is not None}
+    if limits and args.run_id:
+        parser.error("--run-id registers that run whatever it costs; drop --max-latency-ms and --max-size-mb")
+    logging.basicConfig(level=logging.WARNING)
     outcome = register.register_best(mlflow.MlflowClient(), args.experiment, args.name,
-                                     sweep_run_id=args.sweep, run_id=args.run_id)
+                                     sweep_run_id=args.sweep, run_id=args.run_id, limits=limits)
     print(outcome.message)
     print(f"serve it: make serve-best   (models:/{args.name}@{register.CHAMPION})")
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 from mlflow.models import Model, infer_signature
@@ -17,11 +19,14 @@ from mlflow.models import Model, infer_signature
 from src import files
 from src.data import decode_and_resize
 from src.model import Network
+from src.selection import LATENCY, PASSES, SIZE
 from src.views import predict_views
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CLASSIFY_RESIZED = "classify_resized"
 CLASS_NAMES = "class_names"
+WARM_UP_CALLS = 5  # graph tracing, allocation: not timed
+TIMED_CALLS = 20  # a latency is the median of these
 
 
 def resized_inputs(network: Network) -> dict[str, tuple[int, int]]:
@@ -70,6 +75,27 @@ def size_mb(*paths: Path) -> float:
     """The size of these files, and of every file under these folders, in MiB."""
     files = [f for path in map(Path, paths) for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()]
     return sum(f.stat().st_size for f in files) / 2**20
+
+
+def median_ms(call, calls: int = TIMED_CALLS) -> float:
+    """The median time of `call()` in milliseconds, over `calls` calls after the warm-up calls."""
+    for _ in range(WARM_UP_CALLS):
+        call()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def serving_cost(saved_model: Path, image: bytes, backbones: int, views: int) -> dict[str, float]:
+    """What serving the SavedModel costs on this machine: the median latency of one encoded `image` through
+    `serving_default` (decode, every view, every backbone, the head), the backbone passes per image and the
+    folder's size."""
+    loaded = tf.saved_model.load(str(saved_model))  # the signature needs the object that holds its variables
+    serve, batch = loaded.signatures["serving_default"], tf.constant([image])
+    return {LATENCY: median_ms(lambda: serve(image_bytes=batch)), PASSES: backbones * views, SIZE: size_mb(saved_model)}
 
 
 def log_pyfunc_model(saved_model_dir: Path, example_images: list[bytes]) -> mlflow.models.model.ModelInfo:

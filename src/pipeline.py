@@ -22,7 +22,7 @@ from src import features, plots, selection, shifts, spec, stats, track
 from src.backbone import load_backbone
 from src.data import Splits, load_splits, make_batches
 from src.evaluate import Evaluation, accuracy, evaluation
-from src.export import export_saved_model, log_pyfunc_model, size_mb
+from src.export import export_saved_model, log_pyfunc_model, serving_cost
 from src.model import Network
 from src.spec import Job
 from src.stages import SHIFTED_VALIDATION, Context, CrossValidation, Fitted, Plan, selection_column
@@ -80,7 +80,7 @@ def _run(job: Job, inputs: Inputs, output_dir: Path, callbacks) -> dict[str, flo
         metrics = {**trained.metrics, **tested.metrics}
         mlflow.log_metrics(metrics)
         log_results(job, inputs, trained, tested, output_dir)
-        metrics["model/size_mb"] = export(job, inputs, trained.final, output_dir)
+        metrics |= export(job, inputs, trained.final, output_dir)
     log.info("test accuracy %.4f [%.4f, %.4f] (top-5 %.4f); %s %.4f; train %.0f s", metrics["test/accuracy"],
              metrics["test/accuracy_ci_low"], metrics["test/accuracy_ci_high"], metrics["test/top5_accuracy"],
              selection.SCORE, metrics[selection.SCORE], metrics["time/train_s"])
@@ -233,15 +233,15 @@ def log_results(job: Job, inputs: Inputs, trained: Trained, tested: Evaluation, 
         mlflow.log_artifact(str(output_dir / name))
 
 
-def export(job: Job, inputs: Inputs, final: Fitted, output_dir: Path) -> float:
+def export(job: Job, inputs: Inputs, final: Fitted, output_dir: Path) -> dict[str, float]:
     """The SavedModel (image bytes in, top-k out, with the job's test-time views) and the MLflow model around it;
-    returns its size in MiB."""
+    returns what serving it costs (latency of one test image, backbone passes, size), as logged."""
     saved_model = export_saved_model(
         final.model, inputs.network, inputs.splits.class_names, job.export.top_k,
         output_dir / "saved_model" / job.export.model_name / str(job.export.version), views=job.tta)
     mlflow.log_artifacts(str(saved_model.parent.parent), "saved_model")
-    size = size_mb(saved_model)
-    mlflow.log_metric("model/size_mb", size)
     example = next(iter(inputs.splits.test.take(1)))[0].numpy()
+    cost = serving_cost(saved_model, example, len(inputs.network.backbones), len(job.tta))
+    mlflow.log_metrics(cost)
     log_pyfunc_model(saved_model, [example])
-    return size
+    return cost

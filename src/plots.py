@@ -9,9 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from src.selection import LATENCY, SCORE, SIZE  # noqa: E402
 
 
 def training_curves(history: pd.DataFrame, title: str) -> plt.Figure:
@@ -134,6 +136,29 @@ def accuracy_vs_lr(summary: pd.DataFrame, title: str, connect: bool = True) -> p
         ax.set(xlabel="learning rate", ylabel="accuracy", title=split)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def accuracy_vs_cost(runs: pd.DataFrame, title: str) -> plt.Figure:
+    """Each run's selection score and test accuracy against its one-image latency and its size (log axes), the runs
+    of each Pareto front in black, joined (`runs`: report.pareto's columns). The fronts are chosen on the score;
+    the test panels show how the same runs do on test."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharey="col", constrained_layout=True)
+    for row, (cost, front, cost_label) in zip(axes, ((LATENCY, "pareto_latency", "latency, one image (ms)"),
+                                                     (SIZE, "pareto_size", "SavedModel size (MB)"))):
+        on_front = runs[runs[front]].sort_values(cost)
+        for ax, (metric, label) in zip(row, ((SCORE, "selection score (val accuracy; selects)"),
+                                             ("test/accuracy", "test accuracy (reported)"))):
+            ax.scatter(runs[cost], runs[metric], color="#9ecae1", label="run")
+            ax.plot(on_front[cost], on_front[metric], color="black", marker="o", markersize=5, drawstyle="steps-post",
+                    label="Pareto front (on the selection score)")
+            ax.set_xscale("log")
+            for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis_format(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 1)))  # 20, 30, not 2x10^1
+            ax.set(xlabel=cost_label, ylabel=label)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     return fig
 

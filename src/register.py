@@ -6,6 +6,7 @@ the model version, never used to choose it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import mlflow
@@ -13,17 +14,23 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 
 from src import selection, track
 from src.config import UserError
 
+log = logging.getLogger(__name__)
+
 CHAMPION = "champion"
 SCORE_TAG = "selection_score"
-# Run metric or tag -> model version tag.
+# Run metric or tag -> model version tag; a run logged before a metric existed gets no tag for it.
 VERSION_METRICS = {selection.SCORE: SCORE_TAG, selection.LOSS: "selection_loss",
                    "val/accuracy_best": "val_accuracy", "test/accuracy": "test_accuracy",
                    "test/accuracy_ci_low": "test_accuracy_ci_low", "test/accuracy_ci_high": "test_accuracy_ci_high",
-                   "test/top5_accuracy": "test_top5_accuracy"}
+                   "test/top5_accuracy": "test_top5_accuracy",
+                   **{cost: cost for cost in selection.COSTS}}
+# A cost that register-best can limit -> its unit, and what the run lowest on it is called.
+LIMITED_COSTS = {selection.LATENCY: ("ms", "fastest"), selection.SIZE: ("MB", "smallest")}
 VERSION_RUN_TAGS = {"backbone": "backbone", "dataset": "dataset", "dataset_version": "data_version",
                     "validation_split": "validation_split", selection.METRIC_TAG: "selection_metric",
                     "git_commit": "git_commit"}
@@ -36,8 +43,10 @@ class Outcome:
     message: str
 
 
-def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: str | None = None) -> Run:
-    """The best finished run of the experiment, or of one sweep's jobs."""
+def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: str | None = None,
+             limits: dict[str, float] | None = None) -> Run:
+    """The best finished run of the experiment, or of one sweep's jobs; with `limits` (a LIMITED_COSTS metric ->
+    its maximum), the best of the runs within them."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise UserError(f"no MLflow experiment '{experiment_name}' in {mlflow.get_tracking_uri()}; "
@@ -46,12 +55,37 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
     if sweep_run_id:
         _get_run(client, sweep_run_id)
         where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
-    runs = client.search_runs([experiment.experiment_id], " and ".join(where), max_results=1,
-                              order_by=selection.ORDER_BY)
+    runs = client.search_runs([experiment.experiment_id], " and ".join(where),
+                              max_results=SEARCH_MAX_RESULTS_THRESHOLD if limits else 1, order_by=selection.ORDER_BY)
     if not runs:
         scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
         raise UserError(f"no finished run with {selection.SCORE} in {scope}; train first (make train)")
-    return runs[0]
+    return _within_limits(runs, limits) if limits else runs[0]
+
+
+def _within_limits(runs: list[Run], limits: dict[str, float]) -> Run:
+    """The first of `runs` (best first) whose costs are all within `limits`. A run without one of the limited
+    metrics (logged before it was measured) is left out."""
+    for metric in limits:
+        missing = sum(metric not in run.data.metrics for run in runs)
+        if missing:
+            log.warning("%d of %d runs have no %s (logged before it was measured): left out", missing, len(runs),
+                        metric)
+    measured = [run for run in runs if all(metric in run.data.metrics for metric in limits)]
+    within = [run for run in measured if all(run.data.metrics[m] <= limit for m, limit in limits.items())]
+    if within:
+        return within[0]
+    asked = " and ".join(f"{metric} <= {limit:g} {LIMITED_COSTS[metric][0]}" for metric, limit in limits.items())
+    if not measured:
+        raise UserError(f"no run has {' and '.join(limits)} (all were logged before it was measured); "
+                        "train again, or drop the limit")
+    lowest = []
+    for metric in limits:
+        run = min(measured, key=lambda r: r.data.metrics[metric])
+        figures = " and ".join(f"{run.data.metrics[m]:.1f} {LIMITED_COSTS[m][0]}" for m in limits)
+        lowest.append(f"the {LIMITED_COSTS[metric][1]}, run {run.info.run_name} ({run.info.run_id}), has {figures}")
+    raise UserError(f"no run is within {asked}: {'; '.join(lowest)}; raise the limit, or train a cheaper model "
+                    "(fewer backbones or test-time views)")
 
 
 def champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
@@ -105,9 +139,9 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
     return Outcome(version, champion(client, name), f"{label} ({_score(version)}) is now the {CHAMPION}{was}")
 
 
-def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str,
-                  sweep_run_id: str | None = None, run_id: str | None = None) -> Outcome:
-    run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id)
+def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str, sweep_run_id: str | None = None,
+                  run_id: str | None = None, limits: dict[str, float] | None = None) -> Outcome:
+    run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id, limits)
     if selection.SCORE not in run.data.metrics or run.info.status != "FINISHED":
         raise UserError(f"run {run.info.run_id} is {run.info.status} without {selection.SCORE}; pick a finished run")
     return register_run(client, run, name)

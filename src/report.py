@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import compare, files, plots, progress, search, selection, stats
 from src.config import CONF_DIR, UserError
-from src.selection import LOSS, SCORE, configuration_columns, finished, markdown
+from src.selection import LATENCY, LOSS, PASSES, SCORE, SIZE, configuration_columns, finished, markdown
 from src.track import run_config
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,18 @@ def write_summary(runs_csv: Path, out_dir: Path) -> list[str]:
 def by_backbone(summary: pd.DataFrame) -> pd.DataFrame:
     """Per backbone, its configuration with the best mean score, from `summarize_configurations`."""
     return summary.drop_duplicates("backbone").sort_values("backbone", ignore_index=True)
+
+
+def pareto(table: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs that logged their serving cost, best first, with `pareto_latency` and `pareto_size`: whether
+    a run is on the Pareto front of the selection score against that cost, i.e. no other run is at least as good
+    on both and better on one. The front is chosen on the score, as register-best chooses, never on test."""
+    runs = finished(table).dropna(subset=[LATENCY, SIZE])
+    runs = runs[["run", SCORE, "val/accuracy_best", "test/accuracy", LATENCY, PASSES, SIZE, "run_id"]]
+    score = runs[SCORE]
+    front = {column: [not ((score >= s) & (cost <= c) & ((score > s) | (cost < c))).any() for s, c in zip(score, cost)]
+             for column, cost in (("pareto_latency", runs[LATENCY]), ("pareto_size", runs[SIZE]))}
+    return runs.assign(**front)
 
 
 def baseline_declaration(experiment_name: str) -> DictConfig | None:
@@ -181,7 +193,8 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
     summary = summarize_configurations(table)
     baseline = baseline if baseline is not None else baseline_declaration(experiment_name)
     compared = comparisons(runs, table, baseline) if baseline is not None else None
-    figures = _figures(client, experiment_name, table, summary, best, optuna_storage)
+    costs = pareto(table)
+    figures = _figures(client, experiment_name, table, summary, best, optuna_storage, costs)
     try:
         with files.replaced(out_dir, folder=True) as staging:
             configuration = configuration_columns(table)
@@ -192,6 +205,8 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
             if compared is not None:
                 compared.to_csv(staging / "comparisons.csv", index=False)
                 (staging / "comparisons.md").write_text(_comparisons_markdown(compared))
+            if not costs.empty:
+                costs.to_csv(staging / "pareto.csv", index=False)
             for name, figure in figures.items():
                 figure.savefig(staging / name, dpi=110, pil_kwargs={"quality": 85} if name.endswith(".jpg") else None)
             _log_report_run(client, best, len(table), staging)
@@ -202,7 +217,8 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
     return names
 
 
-def _figures(client, experiment_name: str, table: pd.DataFrame, summary: pd.DataFrame, best, optuna_storage) -> dict:
+def _figures(client, experiment_name: str, table: pd.DataFrame, summary: pd.DataFrame, best, optuna_storage,
+             costs: pd.DataFrame) -> dict:
     done = finished(table)
     varying = [c for c in configuration_columns(table) if c in summary and summary[c].nunique(dropna=False) > 1]
     groups = {_label(done, run_id): _row_label(row, varying) or row["run"] for run_id, (_, row)
@@ -225,6 +241,8 @@ def _figures(client, experiment_name: str, table: pd.DataFrame, summary: pd.Data
         figures["accuracy_vs_lr.png"] = plots.accuracy_vs_lr(
             summary, f"{experiment_name}: accuracy against lr",
             connect=all(summary[c].nunique(dropna=False) <= 1 for c in others))
+    if not costs.empty:
+        figures["pareto.png"] = plots.accuracy_vs_cost(costs, f"{experiment_name}: accuracy against serving cost")
     study = _study(client, best.info.experiment_id, optuna_storage)
     if study is not None:
         figures |= {f"optuna_{name}": figure for name, figure in search.study_figures(study).items()}

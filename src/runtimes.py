@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -26,7 +25,7 @@ import tensorflow as tf
 from src import files, plots, progress, register
 from src.config import UserError
 from src.data import load_splits, make_batches
-from src.export import CLASSIFY_RESIZED, saved_model_of, size_mb
+from src.export import CLASSIFY_RESIZED, median_ms, saved_model_of, size_mb
 from src.track import run_config
 
 QUANTIZATIONS = ("float16", "int8")
@@ -128,14 +127,7 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
 
 def _latency(model, image: dict[str, np.ndarray], runs: int) -> float:
     batch = {name: each[None] for name, each in image.items()}
-    for _ in range(5):  # warm up: graph tracing, allocation
-        model(batch)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(batch)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return median_ms(lambda: model(batch), runs)
 
 
 def resolve_model(client: mlflow.MlflowClient, model_uri: str | None, name: str) -> tuple[str, str, str]:

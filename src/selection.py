@@ -15,6 +15,11 @@ import pandas as pd
 SCORE = "selection/score"
 LOSS = "selection/loss"
 METRIC_TAG = "selection.metric"  # which metric the score is, e.g. cv/accuracy
+# What serving a run's exported model costs, measured at export (src/export.py serving_cost).
+LATENCY = "cost/latency_ms_p50"
+PASSES = "cost/backbone_passes"
+SIZE = "model/size_mb"
+COSTS = (LATENCY, PASSES, SIZE)
 # For MlflowClient.search_runs(order_by=...): the same order as `best_first`.
 ORDER_BY = [f"metrics.`{SCORE}` DESC", f"metrics.`{LOSS}` ASC", "attributes.start_time ASC"]
 
@@ -40,7 +45,8 @@ RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SCORE}": SCORE, f"metrics.{L
            "metrics.shifted/test/accuracy": "shifted/test/accuracy",
            "metrics.test/top5_accuracy": "test/top5_accuracy",
            "metrics.best_epoch": "best_epoch", "metrics.best_C": "best_C", "metrics.epochs_trained": "epochs_trained",
-           "metrics.time/train_s": "time/train_s", "metrics.model/size_mb": "model/size_mb", "tags.error": "error",
+           "metrics.time/train_s": "time/train_s", f"metrics.{SIZE}": SIZE, f"metrics.{LATENCY}": LATENCY,
+           f"metrics.{PASSES}": PASSES, "tags.error": "error",
            "tags.git_commit": "git_commit", "tags.dataset_version": "dataset_version",
            "tags.tensorflow_version": "tensorflow", "tags.keras_version": "keras", "tags.mlflow_version": "mlflow",
            "run_id": "run_id"}
@@ -49,7 +55,7 @@ NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "par
                      "params.registry.", "params.export.", "params.report.", "params.trainer.verbose", "params.trainer.feature_cache",
                      "params.backbone.handle", "params.data.data_dir", "params.data.download", "params.data.cache",
                      "params.backbones")  # the backbone column names every backbone of a run (its tag)
-INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch", "cv/epochs", "refit/epochs")
+INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch", "cv/epochs", "refit/epochs", PASSES)
 
 
 OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_best", "mean": "val/mean_accuracy_best"}

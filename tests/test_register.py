@@ -10,7 +10,8 @@ from PIL import Image
 from src import register
 from src.config import PROJECT_ROOT, UserError
 from src.export import log_pyfunc_model
-from src.selection import LOSS, SCORE
+from src.pipeline import run_job
+from src.selection import COSTS, LATENCY, LOSS, PASSES, SCORE, SIZE
 from tests.helpers import export_tiny
 
 EXPERIMENT = "flowers102"
@@ -29,14 +30,14 @@ def log_run(saved_model, tracking_uri):
     mlflow.set_experiment(EXPERIMENT)
 
     def log(val_accuracy, val_loss=1.0, parent=None, with_model=True, validation="validation",
-            metric="val/accuracy_best"):
+            metric="val/accuracy_best", cost=None):
         tags = {"backbone": "tiny", "dataset": "synthetic", "dataset_version": "v1", "git_commit": "abc",
                 "validation_split": validation, "selection.metric": metric}
         if parent:
             tags["mlflow.parentRunId"] = parent
         with mlflow.start_run(tags=tags) as run:
             mlflow.log_metrics({SCORE: val_accuracy, LOSS: val_loss, "val/accuracy_best": val_accuracy,
-                                "test/accuracy": val_accuracy - 0.05, "test/top5_accuracy": 0.99})
+                                "test/accuracy": val_accuracy - 0.05, "test/top5_accuracy": 0.99, **(cost or {})})
             if with_model:
                 log_pyfunc_model(saved_model, [buffer.getvalue()])
         return run.info.run_id
@@ -56,8 +57,22 @@ def test_the_best_run_by_its_score_becomes_version_1_and_champion_with_its_metri
     assert float(tags["test_accuracy"]) == pytest.approx(0.75) and float(tags["test_top5_accuracy"]) == 0.99
     assert (tags["backbone"], tags["run_id"], tags["data_version"]) == ("tiny", best, "v1")
     assert tags["validation_split"] == "validation"
+    assert not set(COSTS) & set(tags)  # a run logged before its serving cost was measured
     loaded = mlflow.pyfunc.load_model("models:/flowers@champion")
     assert loaded.metadata.run_id == best
+
+
+def test_a_trained_run_logs_its_serving_cost_and_its_registered_version_carries_it(synthetic_cfg, tmp_path):
+    cfg = synthetic_cfg.copy()
+    cfg.merge_with({"model": {"tta": "flip", "augmentation": {"enabled": False}}})
+    metrics = run_job(cfg, tmp_path / "job")
+    client = mlflow.MlflowClient()
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    cost = {name: run.data.metrics[name] for name in COSTS}
+    assert cost == {name: metrics[name] for name in COSTS} and all(value > 0 for value in cost.values())
+    assert cost[PASSES] == 2  # one backbone, two views: the image and its mirror
+    version = register.register_best(client, cfg.tracking.experiment_name, "flowers").version
+    assert {name: float(version.tags[name]) for name in COSTS} == cost
 
 
 def test_a_worse_run_is_registered_but_the_champion_stays_and_a_better_one_takes_the_alias(log_run):
@@ -121,6 +136,36 @@ def test_a_sweep_scope_picks_the_best_of_that_sweeps_jobs(log_run):
     assert register.best_run(mlflow.MlflowClient(), EXPERIMENT, sweep_run_id=sweep).info.run_id == job
 
 
+def test_a_latency_limit_passes_over_a_more_accurate_but_slower_run_and_runs_not_measured(log_run, caplog):
+    log_run(0.95, cost={SIZE: 10.0})  # logged before latency was measured
+    log_run(0.90, cost={LATENCY: 45.0, SIZE: 10.0})
+    fast = log_run(0.85, cost={LATENCY: 12.0, SIZE: 30.0})
+    log_run(0.80, cost={LATENCY: 8.0, SIZE: 5.0})
+    outcome = register.register_best(mlflow.MlflowClient(), EXPERIMENT, "flowers", limits={LATENCY: 30})
+    assert outcome.champion.run_id == fast and float(outcome.version.tags[LATENCY]) == 12.0
+    assert "1 of 4 runs have no cost/latency_ms_p50 (logged before it was measured): left out" in caplog.text
+    assert register.best_run(mlflow.MlflowClient(), EXPERIMENT, limits={LATENCY: 30, SIZE: 20}).data.metrics[
+        SCORE] == 0.80
+
+
+def test_no_run_within_the_limits_says_what_the_cheapest_runs_cost_and_leaves_the_registry_as_it_was(log_run):
+    client = mlflow.MlflowClient()
+    old = log_run(0.95)  # logged before its serving cost was measured
+    with pytest.raises(UserError, match="no run has cost/latency_ms_p50 .*; train again, or drop the limit"):
+        register.best_run(client, EXPERIMENT, limits={LATENCY: 30})
+    register.register_best(client, EXPERIMENT, "flowers")
+    log_run(0.90, cost={LATENCY: 45.0, SIZE: 10.0})
+    log_run(0.85, cost={LATENCY: 20.0, SIZE: 60.0})
+    with pytest.raises(UserError) as error:
+        register.register_best(client, EXPERIMENT, "flowers", limits={LATENCY: 30, SIZE: 50})
+    message = str(error.value)
+    assert message.startswith("no run is within cost/latency_ms_p50 <= 30 ms and model/size_mb <= 50 MB: the "
+                              "fastest, run ") and "\n" not in message
+    assert "has 20.0 ms and 60.0 MB; the smallest, run " in message and "has 45.0 ms and 10.0 MB; raise" in message
+    [version] = client.search_model_versions("name = 'flowers'")
+    assert version.run_id == old == client.get_model_version_by_alias("flowers", "champion").run_id
+
+
 def test_bad_requests_raise_one_line_errors_and_register_nothing(log_run):
     client = mlflow.MlflowClient()
     with pytest.raises(UserError, match="no MLflow experiment 'nope'"):
@@ -144,3 +189,8 @@ def test_the_script_prints_the_outcome_and_fails_in_one_line(log_run, tracking_u
     failed = subprocess.run([*script, "--experiment", "nope"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: no MLflow experiment 'nope'")
+    log_run(0.7, cost={LATENCY: 40.0, SIZE: 5.0})
+    over = subprocess.run([*script, "--max-latency-ms", "30", "--max-size-mb", "50"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True)
+    assert over.returncode == 1 and "1 of 2 runs have no cost/latency_ms_p50" in over.stderr
+    assert over.stderr.strip().splitlines()[-1].startswith("error: no run is within cost/latency_ms_p50 <= 30 ms")

@@ -16,14 +16,14 @@ from PIL import Image
 
 from src import report, selection
 from src.config import CONF_DIR, PROJECT_ROOT, UserError
-from src.selection import LOSS, SCORE
+from src.selection import LATENCY, LOSS, PASSES, SCORE, SIZE
 from tests.conftest import compose_config
 
 CLASSES = ["red", "green", "blue", "yellow"]
 
 
 def log_run(client, experiment_id, backbone, lr, seed, val, test, *, val_loss=0.5, status="FINISHED",
-            parent=None, curve=(0.5, 0.7)):
+            parent=None, curve=(0.5, 0.7), cost=None):
     tags = {"mlflow.runName": f"{backbone}-lr{lr:g}-seed{seed}"} | ({"mlflow.parentRunId": parent} if parent else {})
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
@@ -36,7 +36,7 @@ def log_run(client, experiment_id, backbone, lr, seed, val, test, *, val_loss=0.
         metrics = {SCORE: val, LOSS: val_loss, "val/accuracy_best": val, "val/loss_at_best": val_loss,
                    "test/accuracy": test,
                    "test/top5_accuracy": min(1.0, test + 0.1), "epochs_trained": len(curve), "best_epoch": len(curve),
-                   "time/train_s": 3.0, "model/size_mb": 12.5}
+                   "time/train_s": 3.0, "model/size_mb": 12.5, **(cost or {})}
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
         for step, value in enumerate(curve, start=1):
@@ -251,6 +251,25 @@ def test_report_writes_tables_and_figures_replaces_old_results_and_logs_a_report
     # a second report leaves the first report run out of its table
     report.write_report(client, "grid", out)
     assert len(pd.read_csv(out / "runs.csv")) == 7
+
+
+def test_report_marks_the_pareto_fronts_of_the_runs_that_logged_their_serving_cost(tracking_uri, tmp_path):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("costs", artifact_location=str(tmp_path / "artifacts"))
+    runs = {name: log_run(client, experiment_id, name, 0.01, 1, val, val - 0.02, cost=cost) for name, val, cost in (
+        ("accurate", 0.90, {LATENCY: 50.0, SIZE: 40.0, PASSES: 4}),
+        ("fast", 0.85, {LATENCY: 20.0, SIZE: 40.0, PASSES: 1}),  # as large as accurate, and less accurate
+        ("small", 0.80, {LATENCY: 30.0, SIZE: 10.0, PASSES: 1}),  # slower than fast, and less accurate
+        ("neither", 0.84, {LATENCY: 25.0, SIZE: 45.0, PASSES: 2}),  # beaten by fast on both
+        ("old", 0.95, {}))}  # logged before its latency was measured: left out
+    files = report.write_report(client, "costs", tmp_path / "results")
+    assert {"pareto.csv", "pareto.png"} <= set(files)
+    costs = pd.read_csv(tmp_path / "results" / "pareto.csv").set_index("run_id")
+    assert list(costs.index) == [runs[name] for name in ("accurate", "fast", "neither", "small")]  # best first
+    assert set(costs.index[costs["pareto_latency"]]) == {runs["accurate"], runs["fast"]}
+    assert set(costs.index[costs["pareto_size"]]) == {runs["accurate"], runs["small"]}
+    assert list(costs[PASSES]) == [4, 1, 2, 1]
+    assert list(costs["test/accuracy"]) == pytest.approx([0.88, 0.83, 0.82, 0.78])
 
 
 def test_report_draws_the_optuna_study_of_the_experiments_sweep(store, tmp_path):
