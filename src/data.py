@@ -7,10 +7,10 @@ for training, evaluation and the exported serving signature alike, so the three 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 import inspect
 import io
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
