@@ -8,6 +8,7 @@ when the job runs in another process or on another machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import warnings
@@ -25,6 +26,8 @@ from src.track import SWEEP_RUN_ENV, retry_on_race
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
 
+log = logging.getLogger(__name__)
+
 
 def local_file(url: str) -> Path | None:
     """The file behind a `sqlite:///` or `journal:///` storage URL; None for a database server's."""
@@ -34,16 +37,23 @@ def local_file(url: str) -> Path | None:
     return None
 
 
-def make_storage(url: str | None):
-    """`journal:///path/file.log` -> Optuna's journal file storage; any other URL -> SQLAlchemy (RDB) storage."""
+def make_storage(url: str | None, heartbeat_interval: int | None = None, grace_period: int | None = None):
+    """`journal:///path/file.log` -> Optuna's journal file storage; any other URL -> SQLAlchemy (RDB) storage,
+    with Optuna's heartbeats when `heartbeat_interval` (seconds) is set: a running trial whose worker has not
+    beaten for `grace_period` seconds (default twice the interval) is failed by the next worker to look."""
     if url is None:
         return None
     path = local_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("journal://"):
+        if heartbeat_interval is not None or grace_period is not None:
+            raise UserError(f"hparams_search: heartbeats need an RDB storage (sqlite:/// or postgresql://), not {url}")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    return optuna.storages.RDBStorage(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                          heartbeat_stale_trial_callback=_stale_trial_failed)
 
 
 def make_sampler(cfg: DictConfig, trial_number: int = 0) -> optuna.samplers.BaseSampler:
@@ -70,9 +80,10 @@ def load_study(cfg: DictConfig) -> optuna.Study:
         raise UserError("hparams_search: set hydra.sweeper.storage, e.g. sqlite:///optuna.db; trials report to it")
     try:
         sampler, pruner = make_sampler(cfg.sampler), make_pruner(cfg.pruner)
+        storage = make_storage(cfg.storage, cfg.heartbeat_interval, cfg.grace_period)
         return retry_on_race(lambda: optuna.create_study(
-            study_name=cfg.study_name, storage=make_storage(cfg.storage), sampler=sampler, pruner=pruner,
-            direction=cfg.direction, load_if_exists=True))
+            study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner, direction=cfg.direction,
+            load_if_exists=True))
     except (AttributeError, TypeError, ValueError) as error:
         raise UserError(f"hparams_search: cannot create study {cfg.study_name!r}: {error}") from None
 
@@ -107,7 +118,9 @@ def next_trial(study: optuna.Study, n_trials: int, sampler_cfg: DictConfig) -> o
     come from a sampler seeded for its number (see `make_sampler`)."""
     if len(counted_trials(study)) >= n_trials:
         return None
-    trial = study.ask()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Heartbeat of storage")  # the sweeper beats, see `heartbeat`
+        trial = study.ask()
     trial.set_user_attr("worker", _worker())
     study.sampler = make_sampler(sampler_cfg, trial.number)
     if trial.number not in sorted(t.number for t in counted_trials(study))[:n_trials]:
@@ -136,18 +149,37 @@ def fail_abandoned_trials(study: optuna.Study) -> list[int]:
         if worker_host == host and pid.isdigit() and not _alive(int(pid)):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             abandoned.append(trial.number)
-            _end_mlflow_runs(study.study_name, trial.number)
+            _end_mlflow_runs(study.study_name, trial.number, "abandoned: its worker process died")
     return abandoned
 
 
-def _end_mlflow_runs(study_name: str, trial_number: int) -> None:
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Optuna's own heartbeat thread for the trial, as Study.optimize runs it (ask-and-tell has none); a context
+    manager that does nothing when the storage has no heartbeats."""
+    return optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, study._storage)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """With heartbeats, running trials whose worker has stopped beating -> FAIL, on any host, so that they do not
+    count towards n_trials; Optuna calls `_stale_trial_failed` for each."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    log.info("trial %d: its worker stopped beating; marked FAIL", trial.number)
+    _end_mlflow_runs(study.study_name, trial.number, "stale: its worker stopped beating")
+
+
+def _end_mlflow_runs(study_name: str, trial_number: int, reason: str) -> None:
     client = mlflow.MlflowClient()
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{trial_number}' "
         "and attributes.status = 'RUNNING'")
     for run in runs:
-        client.set_tag(run.info.run_id, "error", "abandoned: its worker process died")
+        client.set_tag(run.info.run_id, "error", reason)
         client.set_terminated(run.info.run_id, "KILLED")
 
 

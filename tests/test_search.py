@@ -1,4 +1,4 @@
-"""The Optuna helpers on in-memory and SQLite studies: samplers, storage, abandoned trials."""
+"""The Optuna helpers on in-memory and SQLite studies: samplers, storage, heartbeats, abandoned trials."""
 
 import subprocess
 import sys
@@ -66,12 +66,22 @@ def test_a_trial_of_a_dead_process_is_failed_and_live_ones_are_kept(tracking_uri
 
 def test_a_search_needs_a_storage_and_known_sampler():
     cfg = OmegaConf.create({"study_name": "s", "storage": None, "direction": "maximize", "sampler": SAMPLER,
-                            "pruner": {"name": "MedianPruner"}})
+                            "pruner": {"name": "MedianPruner"}, "heartbeat_interval": None, "grace_period": None})
     with pytest.raises(UserError, match="set hydra.sweeper.storage"):
         search.load_study(cfg)
     cfg.storage, cfg.sampler = "sqlite:///:memory:", {"name": "NoSuchSampler"}
     with pytest.raises(UserError, match="cannot create study 's'"):
         search.load_study(cfg)
+
+
+def test_heartbeats_need_an_rdb_storage(tmp_path):
+    cfg = OmegaConf.create({"study_name": "s", "storage": f"journal://{tmp_path}/optuna.log", "direction": "maximize",
+                            "sampler": SAMPLER, "pruner": {"name": "MedianPruner"}, "heartbeat_interval": 1,
+                            "grace_period": None})
+    with pytest.raises(UserError, match=r"^hparams_search: heartbeats need an RDB storage \(sqlite:/// or postgres"):
+        search.load_study(cfg)
+    storage = search.make_storage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=3)
+    assert (storage.get_heartbeat_interval(), storage.grace_period) == (1, 3)
 
 
 def test_an_unknown_parameter_type_is_a_user_error():

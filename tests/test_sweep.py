@@ -1,5 +1,5 @@
 """Sweeps through the command line, on synthetic data with the tiny backbone: Hydra grids, the Optuna sweeper,
-resume after SIGKILL, and parallel workers on the journal storage and on PostgreSQL."""
+resume after SIGKILL, parallel workers on the journal storage and on PostgreSQL, and heartbeats."""
 
 import os
 import re
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 
 import mlflow
 import optuna
@@ -221,6 +222,70 @@ def test_two_workers_share_a_study_on_the_journal_storage(tmp_path, tiny_backbon
 
 def test_two_workers_share_a_study_on_postgresql(tmp_path, tiny_backbone, postgres_url):
     run_workers(tmp_path, tiny_backbone, postgres_url, n_trials=6)
+
+
+def poll(condition, timeout: float, what: str):
+    """condition()'s first answer other than None, asked every half second; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (answer := condition()) is not None:
+            return answer
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} after {timeout} s")
+
+
+def trial_with_run(storage, client, study_name):
+    """(a RUNNING trial, its RUNNING MLflow run), once some worker has reached training; None before."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # the study does not exist yet
+        return None
+    for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  f"tags.`optuna.trial` = '{trial.number}' and attributes.status = 'RUNNING'")
+        if runs:
+            return trial, runs[0]
+    return None
+
+
+def test_a_worker_that_stops_beating_has_its_trial_failed_and_replaced_by_the_other(tmp_path, tiny_backbone,
+                                                                                     postgres_url):
+    storage, n_trials = make_storage(postgres_url), 3  # its tables, before the workers race to create them
+    overrides = ["hparams_search=mobilenet_v2", "epochs=10", "model.normalize_features=false",  # not pruned
+                 f"hydra.sweeper.storage={postgres_url}", f"hydra.sweeper.n_trials={n_trials}",
+                 "hydra.sweeper.study_name=beats", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
+    processes = [subprocess.Popen(command(tmp_path, tiny_backbone, *overrides), cwd=PROJECT_ROOT,
+                                  env=environment(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True) for log in logs]
+    workers = {process.pid: process for process in processes}
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        trial, run = poll(lambda: trial_with_run(storage, mlflow.MlflowClient(), "beats"), 600, "trial in training")
+        victim = workers.pop(int(trial.user_attrs["worker"].rpartition(":")[2]))
+        os.killpg(victim.pid, signal.SIGKILL)
+        killed_at = datetime.now()
+        victim.wait(timeout=30)
+        [survivor] = workers.values()
+        assert survivor.wait(timeout=600) == 0, logs[processes.index(survivor)].name
+        ended_at = datetime.now()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
+
+    study = optuna.load_study(study_name="beats", storage=storage)
+    killed = study.trials[trial.number]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert len(finished(study)) == n_trials and not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    killed_run = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert (killed_run.info.status, killed_run.data.tags["error"]) == ("KILLED", "stale: its worker stopped beating")
+    run_ended = datetime.fromtimestamp(killed_run.info.end_time / 1000)
+    seconds = {what: round((at - killed_at).total_seconds(), 1) for what, at in
+               [("trial failed", killed.datetime_complete), ("run killed", run_ended), ("study finished", ended_at)]}
+    print(f"trial {trial.number} SIGKILLed at {killed_at:%H:%M:%S}; seconds after the kill: {seconds}")
 
 
 def test_optuna_searches_which_backbones_to_concatenate(tmp_path, tiny_backbone):

@@ -4,11 +4,14 @@
 sampled values as overrides plus `+optuna_trial=<number>` (the job reports per-epoch val accuracy to the
 trial, so the pruner can stop it), and tells the study the result. `n_trials` counts the study's finished and
 running trials across all workers and runs, so re-running the command resumes the study, and several
-processes with the same storage share it.
+processes with the same storage share it. With `heartbeat_interval` (RDB storages), each worker beats for its
+running trial through Optuna's heartbeats, fails the trials of workers that stopped beating before each ask, and
+waits for the other workers' running trials instead of leaving, so that a dead worker's trial is replaced.
 """
 
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +36,8 @@ class OptunaSweeperConf:
     pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "MedianPruner"})
     params: Dict[str, Any] = field(default_factory=dict)
     max_failures_in_a_row: int = 3
+    heartbeat_interval: Optional[int] = None  # seconds; RDB storages only; None: no heartbeats
+    grace_period: Optional[int] = None  # seconds without a beat before a trial is failed; None: 2 intervals
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="flowers")
@@ -71,10 +76,14 @@ class OptunaSweeper(Sweeper):
 
         returns, failures = [], 0
         while True:
-            abandoned = search.fail_abandoned_trials(study)
-            if abandoned:
+            if self.cfg.heartbeat_interval is not None:
+                search.fail_stale_trials(study)
+            elif abandoned := search.fail_abandoned_trials(study):
                 log.info("trials %s were left running by a killed process: marked FAIL", abandoned)
             trial = search.next_trial(study, self.cfg.n_trials, self.cfg.sampler)
+            if trial is None and self.cfg.heartbeat_interval is not None and _others_running(study):
+                time.sleep(self.cfg.heartbeat_interval)  # until they finish, or stop beating and are replaced
+                continue
             if trial is None:
                 return returns
             try:
@@ -87,14 +96,19 @@ class OptunaSweeper(Sweeper):
                          f"+optuna_trial={trial.number}"]
             log.info("trial %d/%d (%s so far): %s", trial.number + 1, self.cfg.n_trials, _states(study),
                      " ".join(overrides[len(arguments):-1]))
-            [job] = self.launcher.launch([overrides], initial_job_idx=trial.number)
+            with search.heartbeat(study, trial):
+                [job] = self.launcher.launch([overrides], initial_job_idx=trial.number)
             state, value = _outcome(job)
-            study.tell(trial, value, state=state)
+            study.tell(trial, value, state=state, skip_if_finished=True)  # failed meanwhile as stale: replaced
             log.info("trial %d %s: %s", trial.number, state.name, value if value is not None else job._return_value)
             failures = failures + 1 if state == optuna.trial.TrialState.FAIL else 0
             if failures >= self.cfg.max_failures_in_a_row:
                 raise RuntimeError(f"{failures} trials in a row failed; see the job logs in {self.config.hydra.sweep.dir}")
             returns.append(job)
+
+
+def _others_running(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def _states(study: optuna.Study) -> str:
