@@ -276,4 +276,6 @@ def test_a_sweep_logs_its_runs_and_artifacts_through_the_tracking_server_and_reg
                                     cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert registered.returncode == 0, registered.stderr[-3000:]
         assert mlflow.MlflowClient().get_model_version_by_alias("flowers", "champion").run_id == best
+        champion = mlflow.artifacts.download_artifacts("models:/flowers@champion", dst_path=str(tmp_path / "champion"))
+        assert (Path(champion) / "MLmodel").is_file()  # what serve-best loads
     mlflow.set_tracking_uri(None)
