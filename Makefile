@@ -10,7 +10,7 @@ TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # `make` alone lists the targets.
 .DEFAULT_GOAL := help
 
-.PHONY: help install install-all lock test train report compare evaluate robustness ui register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+.PHONY: help install install-all lock test train report compare evaluate robustness ui tracking-server register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
 
 help:  ## list the targets with what each does (the default)
 	@echo "usage: make <target> [ARGS=\"...\"] [PORT=...] [UI_PORT=...]; start with make install"
@@ -74,6 +74,9 @@ robustness: install  ## a model under the shifts of photos from elsewhere; e.g. 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
 	@echo "the training runs: pick an experiment, then 'Model training' in the sidebar (or add ?workflowType=machine_learning to its link)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
+
+tracking-server: install  ## a team MLflow server, HOST:MLFLOW_PORT (127.0.0.1:5001): runs in PostgreSQL, artifacts in ARTIFACTS_DIR
+	$(PYTHON) scripts/tracking_server.py $(ARGS)
 
 register-best: install  ## register the best run as models:/flowers@champion; e.g. ARGS="--sweep <parent run id>"
 	$(PYTHON) scripts/register_best.py $(ARGS)

@@ -14,6 +14,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from src.config import UserError, load_config
+from src.track import check_server
 
 
 def command(main):
@@ -31,6 +32,7 @@ def command(main):
 def config(*overrides: str) -> DictConfig:
     """The project's config, as `python train.py <overrides>` composes it, with MLflow pointed at its store."""
     cfg = load_config(*overrides)
+    check_server(cfg.tracking.uri)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     return cfg
 

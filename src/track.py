@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import keras
 import mlflow
 import optuna
+import requests
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
@@ -71,8 +72,19 @@ def store_lock(uri: str):
         yield
 
 
+def check_server(uri: str) -> None:
+    """A tracking server that does not answer is one line at once, not MLflow's minutes of retries."""
+    if urlparse(uri).scheme in ("http", "https"):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.RequestException as error:
+            raise UserError(f"no MLflow tracking server answers at {uri} ({type(error).__name__}); "
+                            "start it (make tracking-server) or fix MLFLOW_TRACKING_URI") from None
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id."""
+    check_server(cfg.uri)
     mlflow.set_tracking_uri(cfg.uri)
     with store_lock(cfg.uri):
         mlflow.MlflowClient().search_experiments(max_results=1)  # opens (and if new, creates) the store once

@@ -81,17 +81,29 @@ def offline_backbones_dir() -> Path:
 
 
 @pytest.fixture
-def postgres_url():
+def postgres_admin():
+    """A connection to the local PostgreSQL server's `postgres` database; skips the test where none answers."""
     psycopg = pytest.importorskip("psycopg")
-    name = f"flowers_test_{uuid.uuid4().hex[:8]}"
     try:
         admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as error:
         pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
-    admin.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    yield admin
     admin.close()
+
+
+@pytest.fixture
+def new_postgres_url(postgres_admin):
+    """The URL of a database that does not exist yet; dropped afterwards if the test created it."""
+    name = f"flowers_test_{uuid.uuid4().hex[:8]}"
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    postgres_admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_url(postgres_admin, new_postgres_url):
+    postgres_admin.execute(f"CREATE DATABASE {new_postgres_url.rsplit('/', 1)[1]}")
+    return new_postgres_url
 
 
 def pytest_configure(config):

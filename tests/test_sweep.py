@@ -1,5 +1,6 @@
 """Sweeps through the command line, on synthetic data with the tiny backbone: Hydra grids, the Optuna sweeper,
-resume after SIGKILL, parallel workers on the journal storage and on PostgreSQL, and heartbeats."""
+resume after SIGKILL, parallel workers on the journal storage and on PostgreSQL, heartbeats, and a team tracking
+server."""
 
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -17,7 +19,9 @@ import pytest
 
 from src.config import PROJECT_ROOT
 from src.search import make_storage
+from src.serve import free_port
 from tests.conftest import TEST_HEAD
+from tests.helpers import running
 
 FAST = [*TEST_HEAD, "data=synthetic", "backbone=mobilenet_v2_100_224", "backbone.name=tiny", "trainer.verbose=0"]
 
@@ -311,3 +315,33 @@ def test_optuna_searches_which_backbones_to_concatenate(tmp_path, tiny_backbone)
         assert run["status"] == "FINISHED" and run["tags.backbone"] == "+".join(chosen)
     ran = {runs.loc[str(t.number), "tags.backbone"] for t in study.trials if str(t.number) in runs.index}
     assert len(ran) >= 2  # different subsets were tried
+
+
+def test_a_sweep_logs_its_runs_and_artifacts_through_the_tracking_server_and_registers_its_best(
+        tmp_path, tiny_backbone, new_postgres_url):
+    port, artifacts = free_port(), tmp_path / "server_artifacts"
+    server_env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": new_postgres_url, "ARTIFACTS_DIR": str(artifacts),
+                  "MLFLOW_PORT": str(port)}
+    with running([sys.executable, "scripts/tracking_server.py", "--workers", "1"], port, server_env, "/health") as url:
+        env = {**environment(tmp_path), "MLFLOW_TRACKING_URI": url}
+        result = subprocess.run(command(tmp_path, tiny_backbone, "lr=0.01,0.05", "epochs=1",
+                                        "model.augmentation.enabled=false"),
+                                cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        mlflow.set_tracking_uri(url)
+        runs = mlflow.search_runs(search_all_experiments=True)
+        [parent] = sweep_runs(runs).itertuples()
+        jobs = children(runs, parent.run_id)
+        assert len(jobs) == 2 and set(jobs["status"]) == {"FINISHED"}
+        best = mlflow.MlflowClient().get_run(parent.run_id).data.tags["best_run_id"]
+        model = mlflow.artifacts.download_artifacts(f"runs:/{best}/model", dst_path=str(tmp_path / "download"))
+        assert (Path(model) / "MLmodel").is_file()
+        assert mlflow.get_run(best).info.artifact_uri.startswith("mlflow-artifacts:")
+        assert len(list(artifacts.rglob("MLmodel"))) == 2 and not (tmp_path / "art").exists()
+        registered = subprocess.run([sys.executable, "scripts/register_best.py", "--sweep", parent.run_id],
+                                    cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert registered.returncode == 0, registered.stderr[-3000:]
+        assert mlflow.MlflowClient().get_model_version_by_alias("flowers", "champion").run_id == best
+        champion = mlflow.artifacts.download_artifacts("models:/flowers@champion", dst_path=str(tmp_path / "champion"))
+        assert (Path(champion) / "MLmodel").is_file()  # what serve-best loads
+    mlflow.set_tracking_uri(None)

@@ -6,10 +6,12 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from omegaconf import OmegaConf
 
 from src import track
-from src.config import PROJECT_ROOT
+from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits
+from src.serve import free_port
 from src.spec import Job, run_name
 from tests.conftest import compose_config
 
@@ -97,3 +99,9 @@ def test_epoch_metrics_are_logged_with_step_equal_to_epoch(tracking_uri):
     client = mlflow.MlflowClient()
     for name in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3]
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_at_once():
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"no MLflow tracking server answers at {uri} .*make tracking-server"):
+        track.setup(OmegaConf.create({"uri": uri, "experiment_name": "x", "artifact_location": None}))
