@@ -3,8 +3,8 @@
 `Network` is the one forward graph: the backbones, in their order, and the preprocessing that feeds each of them
 at its own input size. Backbones of different input sizes each get the photo decoded at their own size: the
 model then takes one image per size, by name (`Network.image_sizes`), since a photo decoded at the largest size
-and resized again for a smaller backbone is blurred twice (on the four offline backbones that cost logistic
-regression 0.8 points of validation accuracy; experiments/beyond_frozen/PROTOCOL.md, amendment 3). It builds the
+and resized again for a smaller backbone is blurred twice (experiments/beyond_frozen/PROTOCOL.md, amendment 3:
+8 of 1,020 validation images for logistic regression on the four offline backbones). It builds the
 trainable classifier, the feature extractor whose outputs the feature cache keeps, and `classify_resized`, which
 TFLite and OpenVINO convert. Several backbones' features are concatenated before one head.
 """
