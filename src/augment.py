@@ -2,19 +2,24 @@
 
 A random view of an image is a random resized crop (part of the photo, off centre, at another aspect), or, some
 of the time, a zoom-out (the whole photo smaller in the frame, on a blurred enlargement of itself); then colour
-jitter (brightness, contrast, saturation, colour temperature) and a mirror half of the time. The same function
-makes the feature cache's `model.train_views=random:K` (K fixed draws per training image, seeded by the image's
-index) and fine-tuning's end-to-end augmentation (a fresh draw per image and step).
+jitter (brightness, contrast, saturation, colour temperature) and a mirror half of the time. The `broad` policy
+adds what cameras and photographers do (model.view_policy): a turn of up to 30 degrees, and, a quarter of the time
+each, a small photo scaled back up, a blur, and heavy JPEG compression. The same function makes the feature
+cache's `model.train_views=random:K` (K fixed draws per training image, seeded by the image's index) and
+fine-tuning's end-to-end augmentation (a fresh draw per image and step).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import keras
 import tensorflow as tf
+
+from src import shifts
 
 
 @dataclass(frozen=True)
@@ -28,14 +33,23 @@ class Policy:
     saturation: float = 0.4
     temperature: float = 0.15  # red and blue scaled apart by at most this fraction
     flip: float = 0.5
+    rotation: float = 0.0  # degrees, either way
+    low_resolution: float = 0.0  # how often the photo is small (its short side in low_resolution_side pixels)
+    low_resolution_side: tuple[float, float] = (40.0, 128.0)
+    blur: float = 0.0  # how often the view is blurred, by a Gaussian of sigma in blur_sigma pixels
+    blur_sigma: tuple[float, float] = (0.5, 3.0)
+    jpeg: float = 0.0  # how often the view is saved as a JPEG of a quality in jpeg_quality
+    jpeg_quality: tuple[int, int] = (10, 60)
 
     def fingerprint(self) -> str:
         """What defines the views, for the feature cache key: the settings and the code."""
-        return json.dumps(asdict(self)) + inspect.getsource(random_view) + inspect.getsource(_zoom_out) + \
-            inspect.getsource(_crop) + inspect.getsource(_jitter)
+        code = [random_view, _zoom_out, _crop, _jitter, _camera, shifts.rotate, shifts.gaussian_blur]
+        return json.dumps(asdict(self)) + "".join(inspect.getsource(f) for f in code)
 
 
-POLICY = Policy()
+POLICIES = {"standard": Policy(),
+            "broad": Policy(rotation=30.0, low_resolution=0.25, blur=0.25, jpeg=0.25)}
+POLICY = POLICIES["standard"]
 
 
 def random_view(image: tf.Tensor, seed: tf.Tensor, policy: Policy = POLICY) -> tf.Tensor:
@@ -44,11 +58,19 @@ def random_view(image: tf.Tensor, seed: tf.Tensor, policy: Policy = POLICY) -> t
     dtype = image.dtype
     x = tf.cast(image, tf.float32)
     top = 255.0 if dtype == tf.uint8 else 1.0
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+    seed = tf.cast(seed, tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    # the broad policy's draws come from a generator of their own, so the standard policy's views stay as cached
+    extra = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, 1), 4)
     x = tf.cond(tf.random.stateless_uniform([], seeds[0]) < policy.zoom_out,
                 lambda: _zoom_out(x, seeds[1], policy), lambda: _crop(x, seeds[1], policy))
+    if policy.rotation:
+        degrees = tf.random.stateless_uniform([], extra[0], -policy.rotation, policy.rotation)
+        x = shifts.rotate(x, degrees * math.pi / 180)
     x = _jitter(x / top, seeds[2], policy) * top
     x = tf.cond(tf.random.stateless_uniform([], seeds[3]) < policy.flip, lambda: tf.reverse(x, axis=[1]), lambda: x)
+    if policy.low_resolution or policy.blur or policy.jpeg:
+        x = _camera(x / top, extra[1:], policy) * top
     return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), dtype) if dtype == tf.uint8 else tf.clip_by_value(x, 0, top)
 
 
@@ -93,14 +115,43 @@ def _jitter(x, seed, policy: Policy):
     return x * tf.stack([1 + warmth, 1.0, 1 - warmth])
 
 
+def _camera(x, seeds, policy: Policy):
+    """A small photo scaled back up, a blur, a JPEG: each some of the time, on an image in [0, 1]."""
+    shape = tf.shape(x)
+    happens = tf.random.stateless_uniform([3], seeds[0])
+    amounts = tf.random.stateless_uniform([3], seeds[1])
+
+    def amount(i, bounds):
+        return bounds[0] + amounts[i] * (bounds[1] - bounds[0])
+
+    def small(x):
+        scale = amount(0, policy.low_resolution_side) / tf.cast(tf.reduce_min(shape[:2]), tf.float32)
+        size = tf.maximum(tf.cast(tf.round(tf.cast(shape[:2], tf.float32) * tf.minimum(scale, 1.0)), tf.int32), 1)
+        smaller = tf.image.resize(x, size, method="bilinear", antialias=True)
+        return tf.image.resize(smaller, shape[:2], method="bilinear")
+
+    def blurred(x):
+        return shifts.gaussian_blur(x, amount(1, policy.blur_sigma), radius=int(3 * policy.blur_sigma[1]))
+
+    def compressed(x):
+        quality = tf.cast(tf.round(amount(2, policy.jpeg_quality)), tf.int32)
+        return tf.reshape(tf.image.adjust_jpeg_quality(tf.clip_by_value(x, 0.0, 1.0), quality), shape)
+
+    steps = ((policy.low_resolution, small), (policy.blur, blurred), (policy.jpeg, compressed))
+    for i, (often, change) in enumerate(steps):
+        if often:
+            x = tf.cond(happens[i] < often, lambda change=change, x=x: change(x), lambda x=x: x)
+    return x
+
+
 @keras.saving.register_keras_serializable(package="flowers")
 class RandomViews(keras.layers.Layer):
     """Fine-tuning's augmentation: a fresh random view of each image of the batch in training; the identity
     outside training. On [0, 1] float images."""
 
-    def __init__(self, seed: int = 0, **kwargs):
+    def __init__(self, seed: int = 0, policy: str = "standard", **kwargs):
         super().__init__(**kwargs)
-        self.seed = seed
+        self.seed, self.policy = seed, policy
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=None):
@@ -110,8 +161,8 @@ class RandomViews(keras.layers.Layer):
         count = tf.shape(images)[0]
         seeds = tf.stack([tf.fill([count], tf.cast(base[0], tf.int64)),
                           tf.cast(tf.range(count), tf.int64) + tf.cast(base[1], tf.int64)], axis=1)
-        return tf.map_fn(lambda pair: random_view(pair[0], pair[1]), (images, seeds),
+        return tf.map_fn(lambda pair: random_view(pair[0], pair[1], POLICIES[self.policy]), (images, seeds),
                          fn_output_signature=tf.TensorSpec(images.shape[1:], images.dtype))
 
     def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
+        return {**super().get_config(), "seed": self.seed, "policy": self.policy}

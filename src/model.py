@@ -28,7 +28,7 @@ def build_augmentation(cfg: Augmentation, seed: int, name: str = "augmentation")
     """Random flip, rotation, zoom and contrast on [0, 1] images, or the random-view policy; identity outside
     training."""
     if cfg.random_views:
-        return keras.Sequential([RandomViews(seed)], name=name)
+        return keras.Sequential([RandomViews(seed, cfg.view_policy)], name=name)
     steps = []
     if cfg.horizontal_flip:
         steps.append(layers.RandomFlip("horizontal", seed=seed))

@@ -254,6 +254,7 @@ SHOWN = {"head": lambda v: "logistic regression" if v == "logistic_regression" e
          "augmentation": lambda v: "augmentation" if v == "True" else None,
          "model.tta": lambda v: None if v == "none" else f"TTA {v}",
          "model.train_views": lambda v: None if v == "none" else f"views {v}",
+         "model.view_policy": lambda v: None if v in ("standard", "nan", "None") else f"{v} policy",
          "trainer.refit": lambda v: "refit" if v == "True" else None,
          "trainer.refit_budget": lambda v: "by steps" if v == "steps" else None,
          "trainer.cv_folds": lambda v: None if v in ("None", "nan") else f"{v}-fold CV",

@@ -78,18 +78,22 @@ def rotation(image, severity, seed, index):
     """Turned by 15, 30 or 45 degrees, either way (seeded), the corners filled by reflection."""
     degrees = (15.0, 30.0, 45.0)[severity - 1]
     sign = tf.where(_uniform(seed, index, 3) < 0.5, -1.0, 1.0)
-    angle = sign * degrees * math.pi / 180
-    height, width = _size(image)
+    return _uint8(rotate(_float(image), sign * degrees * math.pi / 180))
+
+
+def rotate(x, angle):
+    """A float image [height, width, 3] turned by `angle` radians about its centre, the corners filled by
+    reflection."""
+    height, width = _size(x)
     h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     cos, sin = tf.cos(angle), tf.sin(angle)
     # the projective transform maps output pixels to input pixels: a rotation about the centre
     x_offset = (w - 1) / 2 - (cos * (w - 1) / 2 - sin * (h - 1) / 2)
     y_offset = (h - 1) / 2 - (sin * (w - 1) / 2 + cos * (h - 1) / 2)
     transform = tf.stack([cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])[None]
-    rotated = tf.raw_ops.ImageProjectiveTransformV3(
-        images=_float(image)[None], transforms=transform, output_shape=tf.stack([height, width]),
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=transform, output_shape=tf.stack([height, width]),
         fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")[0]
-    return _uint8(rotated)
 
 
 def colour_temperature(image, severity, seed, index):
@@ -115,16 +119,19 @@ def brightness_contrast(image, severity, seed, index):
 def blur(image, severity, seed, index):
     """A Gaussian blur of sigma 1.5, 3 or 5 pixels (at the photo's own size, about 256 pixels on the short side)."""
     sigma = (1.5, 3.0, 5.0)[severity - 1]
-    radius = int(3 * sigma)
-    taps = tf.exp(-tf.square(tf.range(-radius, radius + 1, dtype=tf.float32)) / (2 * sigma ** 2))
+    return _uint8(gaussian_blur(_float(image), sigma, radius=int(3 * sigma)))
+
+
+def gaussian_blur(x, sigma, radius: int):
+    """A float image [height, width, 3] blurred by a Gaussian of `sigma` pixels (a number or a tensor), cut at
+    `radius` pixels, the edges mirrored."""
+    taps = tf.exp(-tf.square(tf.range(-radius, radius + 1, dtype=tf.float32)) / (2 * tf.square(sigma)))
     taps /= tf.reduce_sum(taps)
-    x = _float(image)[None]
-    x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    x = tf.pad(x[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
     kernel_h = tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, 3, 1])
     kernel_w = tf.tile(tf.reshape(taps, [1, -1, 1, 1]), [1, 1, 3, 1])
     x = tf.nn.depthwise_conv2d(x, kernel_h, [1, 1, 1, 1], "VALID")
-    x = tf.nn.depthwise_conv2d(x, kernel_w, [1, 1, 1, 1], "VALID")
-    return _uint8(x[0])
+    return tf.nn.depthwise_conv2d(x, kernel_w, [1, 1, 1, 1], "VALID")[0]
 
 
 def jpeg(image, severity, seed, index):

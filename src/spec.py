@@ -16,6 +16,7 @@ from typing import Any
 import keras
 from omegaconf import DictConfig, OmegaConf
 
+from src.augment import POLICIES
 from src.config import CONF_DIR, UserError, check
 from src.views import parse_views
 
@@ -44,6 +45,7 @@ class Augmentation:
     zoom: float
     contrast: float
     random_views: bool = False
+    view_policy: str = "standard"  # src/augment.py's policy that random_views and random training views draw from
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,11 @@ class Job:
             run_name=run_name(cfg), data=_read_only(cfg.data), backbones=resolve_backbones(cfg), head=head,
             augmentation=Augmentation(**{k: model.augmentation[k] for k in
                                          ("enabled", "horizontal_flip", "rotation", "zoom", "contrast")},
-                                      random_views=model.augmentation.get("random_views", False)),
+                                      random_views=model.augmentation.get("random_views", False),
+                                      view_policy=model.get("view_policy", "standard")),
             tta=parse_views(model.tta, "model.tta"),
-            train_views=parse_views(model.train_views, "model.train_views", random=True),
+            train_views=parse_views(model.train_views, "model.train_views", random=True,
+                                    policy=model.get("view_policy", "standard")),
             optimizer=optimizer, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed,
             patience=trainer.early_stopping.patience,
             finetune=Finetune(cfg.finetune.lr_scale, cfg.finetune.epochs, cfg.finetune.patience)
@@ -201,6 +205,7 @@ def run_name(cfg: DictConfig) -> str:
         ("finetune", cfg.finetune.enabled),
         (f"tta_{model.tta}", model.tta != "none"),
         (f"views_{str(model.train_views).replace(':', '')}", model.train_views != "none"),
+        (f"policy_{model.get('view_policy')}", model.get("view_policy", "standard") != "standard"),
         (f"select_{trainer.get('select_on')}", trainer.get("select_on", "clean") != "clean"),
         (f"cv{trainer.get('cv_folds')}", trainer.get("cv_folds") is not None),
         ("refit" + ("_steps" if trainer.get("refit_budget", "epochs") == "steps" else ""), trainer.refit)) if on]
@@ -269,6 +274,7 @@ def _check_values(cfg: DictConfig) -> None:
                 "model.augmentation.random_views"):
         _check_bool(cfg, key)
     _check_choice(cfg, "model.head", HEADS, "dense")
+    _check_choice(cfg, "model.view_policy", tuple(POLICIES), "standard")
     _check_choice(cfg, "trainer.refit_budget", REFIT_BUDGETS, "epochs")
     _check_choice(cfg, "trainer.strategy", STRATEGIES)
     _check_choice(cfg, "trainer.select_on", SELECT_ON, "clean")

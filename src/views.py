@@ -7,7 +7,8 @@ Two kinds:
   its side on a blurred enlargement of itself: the flower a little smaller in the frame), `wide_flip`. The served
   model runs them inside its SavedModel.
 - **Image views** transform one decoded photo at its own size, before the model's resize, drawn per image from a
-  generator seeded by the image's index: `random<k>` (the k-th random view of src/augment.py's policy) and
+  generator seeded by the image's index: `random<k>` (the k-th random view of src/augment.py's standard policy;
+  `random<k>-<policy>` of another policy) and
   `shift:<shift>:<severity>` (src/shifts.py). The result is encoded losslessly (PNG) and decoded as any photo is,
   so its features are those a served model computes for that image. They feed the feature cache only.
 
@@ -30,13 +31,14 @@ WIDE_FRACTION = 0.8
 MAX_RANDOM = 64
 
 
-def parse_views(name: str, key: str, random: bool = False) -> tuple[str, ...]:
-    """The views a setting names; `random:K` (when `random`) is the image and K random views."""
+def parse_views(name: str, key: str, random: bool = False, policy: str = "standard") -> tuple[str, ...]:
+    """The views a setting names; `random:K` (when `random`) is the image and K random views of `policy`."""
     if random and str(name).startswith("random:"):
         count = str(name).removeprefix("random:")
         if not count.isdigit() or not 1 <= int(count) <= MAX_RANDOM:
             raise UserError(f"{key}={name!r} is invalid: expected random:K with K from 1 to {MAX_RANDOM}, e.g. random:8")
-        return ("identity", *(f"random{k}" for k in range(int(count))))
+        suffix = "" if policy == "standard" else f"-{policy}"
+        return ("identity", *(f"random{k}{suffix}" for k in range(int(count))))
     if name not in SETS:
         choices = [*SETS, "random:K"] if random else list(SETS)
         raise UserError(f"{key}={name!r} is unknown; use one of: {', '.join(choices)}")
@@ -101,9 +103,16 @@ def image_view(image_bytes: tf.Tensor, name: str, index, seed: int) -> tf.Tensor
     if name.startswith("shift:"):
         changed = shifts.apply(image, name.removeprefix("shift:"), index, seed=shifts.SEED)
     else:
-        k = int(name.removeprefix("random"))
-        changed = augment.random_view(image, tf.stack([tf.cast(seed * 1000 + k, tf.int64), tf.cast(index, tf.int64)]))
+        k, policy = _random_view(name)
+        changed = augment.random_view(image, tf.stack([tf.cast(seed * 1000 + k, tf.int64), tf.cast(index, tf.int64)]),
+                                      augment.POLICIES[policy])
     return tf.io.encode_png(changed)
+
+
+def _random_view(name: str) -> tuple[int, str]:
+    """`random3` -> (3, "standard"); `random3-broad` -> (3, "broad")."""
+    k, _, policy = name.removeprefix("random").partition("-")
+    return int(k), policy or "standard"
 
 
 def fingerprint(name: str, seed: int = 0) -> str | None:
@@ -116,9 +125,11 @@ def fingerprint(name: str, seed: int = 0) -> str | None:
         return None
     if name.startswith("shift:"):
         shift = name.split(":")[1]
-        return f"{name}:{shifts.SEED}:{inspect.getsource(shifts.SHIFTS[shift])}{inspect.getsource(shifts.apply)}"
+        helpers = "".join(inspect.getsource(f) for f in (shifts.apply, shifts.rotate, shifts.gaussian_blur))
+        return f"{name}:{shifts.SEED}:{inspect.getsource(shifts.SHIFTS[shift])}{helpers}"
     if name.startswith("random"):
-        return f"{name}:seed{seed}:{augment.POLICY.fingerprint()}{inspect.getsource(image_view)}"
+        policy = augment.POLICIES[_random_view(name)[1]]
+        return f"{name}:seed{seed}:{policy.fingerprint()}{inspect.getsource(image_view)}"
     if name.startswith("wide"):
         return f"{name}:{WIDE_FRACTION}:{inspect.getsource(_wide)}{inspect.getsource(view)}"
     return f"{name}:{CENTER_FRACTION}:{inspect.getsource(view)}"

@@ -72,6 +72,7 @@ def test_tfds_data_dir_defaults_to_tfds_own_default(monkeypatch):
     ("trainer.refit_budget=images", "trainer.refit_budget='images' is unknown; use one of: epochs, steps"),
     ("model.head=svm", "model.head='svm' is unknown; use one of: dense, logistic_regression"),
     ("model.tta=flips", "model.tta='flips' is unknown; use one of: none, flip, crops"),
+    ("model.view_policy=wild", "model.view_policy='wild' is unknown; use one of: standard, broad"),
     ("trainer.strategy=tpu", "trainer.strategy='tpu' is unknown; use one of: default, mirrored"),
 ])
 def test_invalid_values_get_one_line_errors(override, message):

@@ -92,6 +92,9 @@ def test_another_seed_draws_other_random_views(robust_run):
     run_job(other, tmp / "seed7")
     added = set((tmp / "cache" / "features").glob("*.npz")) - before
     assert len(added) == 2  # train/random0 and train/random1 for seed 7; the rest is shared
+    other.merge_with({"model": {"view_policy": "broad"}})
+    run_job(other, tmp / "broad")
+    assert len(set((tmp / "cache" / "features").glob("*.npz")) - before - added) == 2  # the policy is in the key
 
 
 def test_robustness_script_scores_any_model_under_every_shift(robust_run):

@@ -1,6 +1,8 @@
 """The shifts of photos from elsewhere, and the random views trained against them: each is deterministic for a
 seed and changes the image as it says."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -97,10 +99,43 @@ def test_random_views_are_seeded_crops_zoom_outs_colour_jitter_and_mirrors(photo
     np.testing.assert_allclose(floats * 255, views[0], atol=1.01)  # the same view of a [0, 1] image
 
 
-def test_the_random_views_layer_draws_fresh_views_in_training_only(photo):
-    layer = augment.RandomViews(seed=3)
+@pytest.mark.parametrize("policy", augment.POLICIES)
+def test_the_random_views_layer_draws_fresh_views_in_training_only(photo, policy):
+    layer = augment.RandomViews(seed=3, policy=policy)
     batch = tf.cast(tf.stack([photo, photo]), tf.float32) / 255
     np.testing.assert_array_equal(layer(batch, training=False), batch)
     first, second = layer(batch, training=True).numpy(), layer(batch, training=True).numpy()
     assert first.shape == batch.shape and not np.allclose(first, second)
     assert not np.allclose(first[0], first[1])  # each image of the batch its own view
+
+
+IDENTITY = augment.Policy(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), zoom_out=0.0, brightness=0.0, contrast=0.0,
+                          saturation=0.0, temperature=0.0, flip=0.0)
+
+
+def sharpness(image) -> float:
+    return float(np.abs(np.diff(np.asarray(image).astype(float), axis=1)).mean())
+
+
+def test_the_broad_policys_camera_steps_do_what_they_say(photo):
+    draw = tf.constant([5, 1], tf.int64)
+    np.testing.assert_array_equal(augment.random_view(photo, draw, IDENTITY), photo)  # nothing on: the photo itself
+    turned = augment.random_view(photo, draw, dataclasses.replace(IDENTITY, rotation=30.0)).numpy()
+    assert disc_fraction(turned) == pytest.approx(disc_fraction(photo), rel=0.1)
+    assert not np.array_equal(turned, photo.numpy())
+    for step in ("low_resolution", "blur"):
+        changed = augment.random_view(photo, draw, dataclasses.replace(IDENTITY, **{step: 1.0}))
+        assert changed.shape == photo.shape and sharpness(changed) < 0.7 * sharpness(photo), step
+    compressed = augment.random_view(photo, draw, dataclasses.replace(IDENTITY, jpeg=1.0)).numpy().astype(float)
+    assert 1 < np.abs(compressed - photo.numpy()).mean() < 40
+
+
+def test_the_broad_policy_is_seeded_and_keeps_the_standard_views_draws(photo):
+    broad = augment.POLICIES["broad"]
+    views = [augment.random_view(photo, tf.constant([7, i], tf.int64), broad).numpy() for i in range(20)]
+    np.testing.assert_array_equal(views[3], augment.random_view(photo, tf.constant([7, 3], tf.int64), broad))
+    assert all(v.shape == photo.shape and v.dtype == np.uint8 for v in views)
+    standard = [augment.random_view(photo, tf.constant([7, i], tf.int64)).numpy() for i in range(20)]
+    assert sum(np.array_equal(b, s) for b, s in zip(views, standard)) == 0
+    # on average the broad views are softer: a quarter of them each small, blurred or compressed
+    assert np.mean([sharpness(v) for v in views]) < np.mean([sharpness(v) for v in standard])
