@@ -345,3 +345,30 @@ def test_a_sweep_logs_its_runs_and_artifacts_through_the_tracking_server_and_reg
         champion = mlflow.artifacts.download_artifacts("models:/flowers@champion", dst_path=str(tmp_path / "champion"))
         assert (Path(champion) / "MLmodel").is_file()  # what serve-best loads
     mlflow.set_tracking_uri(None)
+
+
+SHIFTED = ["trainer.select_on=mean", "robustness.per_class=1", "model.normalize_features=true",
+           "model.augmentation.enabled=false", "epochs=3"]
+
+
+def test_a_sweep_and_a_search_select_on_the_mean_of_clean_and_shifted_validation(tmp_path, tiny_backbone):
+    _, parent_id, jobs = sweep_jobs(tmp_path, tiny_backbone, *SHIFTED, "lr=0.003,0.3")
+    mean = (jobs["metrics.val/accuracy_best"] + jobs["metrics.val/shifted_accuracy_best"]) / 2
+    assert (jobs["metrics.val/accuracy_best"] != mean).any()  # the shifted images count: not clean accuracy again
+    assert list(jobs["metrics.selection/score"]) == pytest.approx(list(mean))
+    parent = mlflow.MlflowClient().get_run(parent_id)
+    assert parent.data.tags["selection.metric"] == "val/mean_accuracy_best"
+    assert parent.data.metrics["best/selection/score"] == pytest.approx(mean.max())
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    sweep(tmp_path, tiny_backbone, *SHIFTED, "hparams_search=mobilenet_v2", f"hydra.sweeper.storage={storage}",
+          "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=shifted", "hydra.sweeper.params.lr.low=0.003",
+          "hydra.sweeper.params.lr.high=0.3")
+    study = optuna.load_study(study_name="shifted", storage=storage)
+    runs = all_runs(tmp_path)
+    trials = runs[runs["tags.optuna.trial"].notna()].set_index("tags.optuna.trial")
+    assert len(finished(study)) == 2
+    for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        run = trials.loc[str(trial.number)]
+        assert trial.value == pytest.approx(
+            (run["metrics.val/accuracy_best"] + run["metrics.val/shifted_accuracy_best"]) / 2)
