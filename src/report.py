@@ -21,7 +21,7 @@ import sqlalchemy
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from src import compare, files, plots, progress, search, selection, stats
+from src import compare, files, plots, progress, search, selection, shifts, stats
 from src.config import CONF_DIR, UserError
 from src.selection import LATENCY, LOSS, PASSES, SCORE, SIZE, configuration_columns, finished, markdown
 from src.track import run_config
@@ -84,6 +84,32 @@ def write_summary(runs_csv: Path, out_dir: Path) -> list[str]:
     with files.replaced(out_dir / "summary.md") as staging:
         staging.write_text(markdown(_readable(summary), configuration_columns(table)))
     return ["summary.csv", "summary.md"]
+
+
+def by_shift(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration and split (shifted validation, shifted test), the accuracy under each shift (the mean over
+    its severities, then over the seeds) and their mean; empty when no run measured shifts (robustness.measure).
+    Best first, as `summarize_configurations` ranks them."""
+    done = finished(table)
+    keys = [c for c in configuration_columns(table) if done[c].notna().any()]
+    metrics = runs.set_index("run_id").reindex(done["run_id"])
+    rows = []
+    for split in ("val", "test"):
+        columns = {shift: [f"metrics.shifted/{split}/{shift}_{severity}" for severity in shifts.SEVERITIES]
+                   for shift in shifts.SHIFTS}
+        if not all(c in metrics for names in columns.values() for c in names):
+            continue
+        per_run = pd.DataFrame({shift: metrics[names].mean(axis=1).to_numpy() for shift, names in columns.items()})
+        per_run = per_run.assign(**{k: done[k].to_numpy() for k in keys}).dropna(subset=list(columns))
+        per_run["mean"] = per_run[list(columns)].mean(axis=1)
+        means = per_run.groupby(keys, dropna=False, sort=False)[[*columns, "mean"]].mean()
+        rows.append(means.assign(split=f"shifted {split}", n=per_run.groupby(keys, dropna=False, sort=False).size()))
+    if not rows:
+        return pd.DataFrame()
+    order = {tuple(r): i for i, r in enumerate(summarize_configurations(table)[keys].itertuples(index=False))}
+    result = pd.concat(rows).reset_index()
+    result["rank"] = [order.get(tuple(r), len(order)) for r in result[keys].itertuples(index=False)]
+    return result.sort_values(["split", "rank"], ignore_index=True).drop(columns="rank")
 
 
 def by_backbone(summary: pd.DataFrame) -> pd.DataFrame:
@@ -194,6 +220,7 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
     baseline = baseline if baseline is not None else baseline_declaration(experiment_name)
     compared = comparisons(runs, table, baseline) if baseline is not None else None
     costs = pareto(table)
+    shifted = by_shift(runs, table)
     figures = _figures(client, experiment_name, table, summary, best, optuna_storage, costs)
     try:
         with files.replaced(out_dir, folder=True) as staging:
@@ -207,6 +234,9 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
                 (staging / "comparisons.md").write_text(_comparisons_markdown(compared))
             if not costs.empty:
                 costs.to_csv(staging / "pareto.csv", index=False)
+            if not shifted.empty:
+                shifted.to_csv(staging / "shifts.csv", index=False)
+                (staging / "shifts.md").write_text(markdown(shifted, configuration))
             for name, figure in figures.items():
                 figure.savefig(staging / name, dpi=110, pil_kwargs={"quality": 85} if name.endswith(".jpg") else None)
             _log_report_run(client, best, len(table), staging)

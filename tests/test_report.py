@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src import report, selection
+from src import report, selection, shifts
 from src.config import CONF_DIR, PROJECT_ROOT, UserError
 from src.selection import LATENCY, LOSS, PASSES, SCORE, SIZE
 from tests.conftest import compose_config
@@ -270,6 +270,28 @@ def test_report_marks_the_pareto_fronts_of_the_runs_that_logged_their_serving_co
     assert set(costs.index[costs["pareto_size"]]) == {runs["accurate"], runs["small"]}
     assert list(costs[PASSES]) == [4, 1, 2, 1]
     assert list(costs["test/accuracy"]) == pytest.approx([0.88, 0.83, 0.82, 0.78])
+
+
+def test_report_tables_each_shift_per_configuration_averaged_over_severities_and_seeds(tracking_uri, tmp_path):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("shifts", artifact_location=str(tmp_path / "artifacts"))
+
+    def measured(blur_test):  # every condition 0.6 on validation; on test 0.7 but for blur
+        conditions = {f"shifted/{split}/{c.replace(':', '_')}": 0.6 if split == "val" else 0.7
+                      for split in ("val", "test") for c in shifts.CONDITIONS}
+        return conditions | {f"shifted/test/blur_{s}": blur_test + (s - 2) * 0.1 for s in shifts.SEVERITIES}
+
+    for seed, blur in ((1, 0.3), (2, 0.5)):
+        log_run(client, experiment_id, "robust", 0.01, seed, 0.9, 0.85, cost=measured(blur))
+    log_run(client, experiment_id, "plain", 0.01, 1, 0.8, 0.8)  # measured no shift: not in the table
+    files = report.write_report(client, "shifts", tmp_path / "results")
+    assert {"shifts.csv", "shifts.md"} <= set(files)
+    table = pd.read_csv(tmp_path / "results" / "shifts.csv").set_index("split")
+    assert list(table["backbone"]) == ["robust", "robust"] and list(table["n"]) == [2, 2]
+    assert table.loc["shifted test", "blur"] == pytest.approx(0.4)  # severities 0.2/0.3/0.4 and 0.4/0.5/0.6
+    assert table.loc["shifted test", "rotation"] == pytest.approx(0.7)
+    assert table.loc["shifted test", "mean"] == pytest.approx((7 * 0.7 + 0.4) / 8)
+    assert table.loc["shifted val", "mean"] == pytest.approx(0.6)
 
 
 def test_report_draws_the_optuna_study_of_the_experiments_sweep(store, tmp_path):
