@@ -10,7 +10,7 @@ TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # `make` alone lists the targets.
 .DEFAULT_GOAL := help
 
-.PHONY: help install install-all lock test train report compare evaluate robustness ui tracking-server register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
+.PHONY: help install install-all browser lock test train report compare evaluate robustness ui tracking-server register-best serve-best export-tfserving serve-best-tfserving export-tflite clean
 
 help:  ## list the targets with what each does (the default)
 	@echo "usage: make <target> [ARGS=\"...\"] [PORT=...] [UI_PORT=...]; start with make install"
@@ -49,7 +49,13 @@ lock:  ## regenerate constraints.txt: every extra but gpu, resolved afresh from 
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 
-test: install-all  ## the whole test suite, after installing the extras it needs
+# Playwright (the dev extra) drives the system Chromium: its own browser download needs the internet.
+browser:  ## the Chromium that tests/test_page.py drives: apt-get install chromium when root, else say how
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; }; } \
+		|| echo "==> no chromium: tests/test_page.py will skip; install it with sudo apt-get install -y chromium"
+
+test: install-all browser  ## the whole test suite, after installing the extras and the browser it needs
 	@echo "==> running the test suite"
 	$(PYTHON) -m pytest
 

@@ -1,7 +1,7 @@
 """Screenshot of `make ui` on a throw-away demo store: an experiment of the project, open on its training runs.
 
-    .venv/bin/python -m pip install playwright   # not in any extra (no test needs it); no browser download:
-    apt-get install -y chromium                  # it drives the system's Chromium
+    make install-all                             # playwright, in the dev extra; no browser download:
+    make browser                                 # it drives the system's Chromium (apt-get install -y chromium)
     .venv/bin/python scripts/screenshot_ui.py [--out docs/images/mlflow_ui_runs.png] [--chromium /usr/bin/chromium]
 
 It makes a demo MLflow store in a temporary folder: one experiment created by src/track.py, as train.py creates
@@ -78,7 +78,7 @@ def stop_group(process: subprocess.Popen, timeout: float = 60.0) -> None:
 
 def screenshot(url: str, run_names: list[str], chromium: str | None, width: int, height: int) -> bytes:
     """The page at `url` once every run name is shown, as PNG bytes."""
-    from playwright.sync_api import sync_playwright  # dev-only: pip install playwright
+    from playwright.sync_api import sync_playwright  # the dev extra (make install-all)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)

@@ -4,7 +4,8 @@ The app is MLflow's own (`mlflow.pyfunc.scoring_server`, what `mlflow models ser
 /invocations, /ping, /health, /version). `mlflow models serve` puts no limit on the request body, so the app
 is wrapped in a small ASGI middleware that answers 413 past `serve.max_body_mb` (and 415 to a request without
 a Content-Type, which MLflow's app answers with a 500). The model checks the rest: the number of images, their
-size from the header, and that each one decodes (src/pyfunc_model.py).
+size from the header, and that each one decodes (src/pyfunc_model.py). The middleware also answers GET / with
+src/page.html, a page that sends photos to /invocations and shows their top k.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import requests
@@ -21,6 +23,8 @@ from mlflow.pyfunc import scoring_server
 from omegaconf import DictConfig
 
 from src import register
+
+PAGE = Path(__file__).with_name("page.html")  # GET /: try the model in a browser
 
 
 def champion_uri(name: str) -> tuple[str, str]:
@@ -31,14 +35,16 @@ def champion_uri(name: str) -> tuple[str, str]:
 
 class RequestLimits:
     """ASGI middleware: reads the whole request body, up to `max_bytes`, before the app sees it, and refuses a
-    POST without a Content-Type."""
+    POST without a Content-Type. GET / gets the page (MLflow's app has no /)."""
 
     def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+        self.app, self.max_bytes, self.page = app, max_bytes, PAGE.read_bytes()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "GET" and scope["path"] == "/":
+            return await self.respond(send, 200, b"text/html; charset=utf-8", self.page)
         headers = dict(scope["headers"])
         if scope["method"] == "POST" and b"content-type" not in headers:
             return await self.refuse(send, 415, "UNSUPPORTED_MEDIA_TYPE",
@@ -70,12 +76,15 @@ class RequestLimits:
         await self.refuse(send, 413, "REQUEST_TOO_LARGE", f"the request body is {size:,} bytes, over the limit of "
                                                          f"{self.max_bytes:,}; send fewer or smaller images per request")
 
-    @staticmethod
-    async def refuse(send, status: int, code: str, message: str) -> None:
+    @classmethod
+    async def refuse(cls, send, status: int, code: str, message: str) -> None:
         content = json.dumps({"error_code": code, "message": message}).encode()
+        await cls.respond(send, status, b"application/json", content)
+
+    @staticmethod
+    async def respond(send, status: int, content_type: bytes, content: bytes) -> None:
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(content)).encode())]})
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(content)).encode())]})
         await send({"type": "http.response.body", "body": content})
 
 

@@ -51,12 +51,20 @@ def synthetic_cfg(tiny_backbone, tracking_uri, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def champion_store(tiny_backbone, tmp_path_factory):
-    """A store with one registered champion (an untrained tiny model on 4 classes): (its URI, its SavedModel)."""
+def champion_classes() -> tuple[list[str], int]:
+    """The champion's class names and top k; a test module that needs another model overrides this fixture."""
+    return CLASSES, 3
+
+
+@pytest.fixture(scope="module")
+def champion_store(tiny_backbone, champion_classes, tmp_path_factory):
+    """A store with one registered champion (an untrained tiny model, on 4 classes unless `champion_classes` says
+    otherwise): (its URI, its SavedModel)."""
     tmp = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    _, saved = export_tiny(tiny_backbone, CLASSES, tmp / "flowers" / "1", top_k=3)
+    classes, top_k = champion_classes
+    _, saved = export_tiny(tiny_backbone, classes, tmp / "flowers" / "1", top_k=top_k)
     mlflow.set_experiment("flowers102")
     with mlflow.start_run():
         mlflow.log_metrics({SCORE: 0.5, LOSS: 1.0})
