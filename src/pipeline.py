@@ -76,9 +76,10 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None,
 
 
 def _run_unlogged(job: Job, inputs: Inputs, cfg: DictConfig, callbacks) -> dict[str, float]:
-    """A multi-worker job on a worker other than the chief: every step the chief takes, since fit, evaluate and
-    saving the model hold collective ops that each worker must join, but logged to a throw-away MLflow store and
-    exported to a throw-away folder (as MultiWorkerMirroredStrategy asks of workers that save), both deleted after."""
+    """A multi-worker job on a worker other than the chief: every step the chief takes, since fit and evaluate
+    hold collective ops that each worker must join (and so may saving the model), but logged to a throw-away
+    MLflow store and exported to a throw-away folder (as MultiWorkerMirroredStrategy asks of workers that save),
+    both deleted after."""
     with tempfile.TemporaryDirectory(prefix="worker-") as tmp:
         track.setup(OmegaConf.create({**cfg.tracking, "uri": f"sqlite:///{tmp}/mlflow.db",
                                       "artifact_location": f"{tmp}/artifacts"}))

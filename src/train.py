@@ -58,20 +58,20 @@ def _patch_keras_for_workers() -> None:
     which this replica's part has), and averaging a step's scalar metrics over the replicas along an axis 0
     that they do not have (their mean over every replica is what one process computes)."""
     def build_from_local_batch(model, iterator=None, data_batch=None):
-        local = model.distribute_strategy.experimental_local_results
-        if iterator is not None:
+        if iterator is not None and model._distribute_strategy is not None:
+            local = model.distribute_strategy.experimental_local_results
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(lambda v: local(v)[0], next(batches))
                 break
-        with model.distribute_strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
+            iterator = None
+        keras_build(model, iterator, data_batch)
 
     def mean_over_replicas(values, strategy, reduction="auto"):
         if reduction != "auto":
             return keras_reduce(values, strategy, reduction)
         return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
 
-    keras_reduce = keras_trainer.reduce_per_replica
+    keras_build, keras_reduce = keras_trainer.TensorFlowTrainer._maybe_symbolic_build, keras_trainer.reduce_per_replica
     keras_trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_local_batch
     keras_trainer.reduce_per_replica = mean_over_replicas
 
@@ -120,7 +120,7 @@ def profiler(log_dir: Path) -> keras.callbacks.TensorBoard:
 
 def one_hot(batches: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
     """Categorical labels, which label smoothing needs. Under multi_worker, every worker reads the same batches
-    and keeps its part of each (DATA sharding, after Keras splits the global batch between the replicas), so a
+    and keeps its part of each (DATA sharding, after tf.distribute splits the global batch between the replicas), so a
     step trains on the batch that one process would; the default AUTO policy would try to shard by file first."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

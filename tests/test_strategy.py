@@ -56,6 +56,7 @@ def assert_serves_its_logged_predictions(run_id: str) -> None:
     assert np.allclose(scores["score"], logged["confidence"][:8], atol=1e-4)
 
 
+@pytest.mark.slow  # about 70 s on two shared cores: three training processes
 def test_multi_worker_strategy_trains_on_two_processes_and_only_the_chief_logs_and_exports(tmp_path, tiny_backbone):
     """Two workers over loopback, the chief given its cluster by trainer.cluster and the other by TF_CONFIG, next
     to one process with the same global batch, seed and initial weights."""
@@ -66,7 +67,8 @@ def test_multi_worker_strategy_trains_on_two_processes_and_only_the_chief_logs_a
     stores = {name: f"sqlite:///{tmp_path}/{name}/mlflow.db" for name in ("workers", "single")}
     worker = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 1}}
     runs = {  # name: (its store, arguments, environment)
-        "chief": ("workers", ["trainer.strategy=multi_worker", f"trainer.cluster={{workers:[{','.join(workers)}],index:0}}"], {}),
+        "chief": ("workers", ["trainer.strategy=multi_worker",
+                              f"trainer.cluster={{workers:[{','.join(workers)}],index:0}}"], {}),
         "worker": ("workers", ["trainer.strategy=multi_worker"], {"TF_CONFIG": json.dumps(worker)}),
         "single": ("single", [], {}),
     }
@@ -76,7 +78,8 @@ def test_multi_worker_strategy_trains_on_two_processes_and_only_the_chief_logs_a
             (tmp_path / name / "tmp").mkdir(parents=True)
             with open(tmp_path / f"{name}.log", "w") as log:
                 processes[name] = subprocess.Popen(
-                    [*job, *args, f"tracking.artifact_location={tmp_path}/{store}/art", f"hydra.run.dir={tmp_path}/{name}/out"],
+                    [*job, *args, f"tracking.artifact_location={tmp_path}/{store}/art",
+                     f"hydra.run.dir={tmp_path}/{name}/out"],
                     cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
                     env={**env, **extra, "MLFLOW_TRACKING_URI": stores[store], "TMPDIR": str(tmp_path / name / "tmp")})
         for name, process in processes.items():
@@ -87,7 +90,8 @@ def test_multi_worker_strategy_trains_on_two_processes_and_only_the_chief_logs_a
                 process.kill()
     run = only_run(stores["workers"])  # the chief's: the worker left no run
     tags = run.data.tags
-    assert (tags["strategy"], tags["replicas"], tags["devices"]) == ("multi_worker", "2", "worker:0/CPU:0, worker:1/CPU:0")
+    assert (tags["strategy"], tags["replicas"], tags["devices"]) == ("multi_worker", "2",
+                                                                     "worker:0/CPU:0, worker:1/CPU:0")
     assert_serves_its_logged_predictions(run.info.run_id)
     # the worker exported into a temporary folder and logged into a temporary store, and removed both
     assert not list((tmp_path / "worker" / "tmp").iterdir())
@@ -109,7 +113,7 @@ def test_without_gpus_the_mirrored_strategy_spans_the_cpu_devices_and_default_is
     assert make_strategy("default").num_replicas_in_sync == 1
     mirrored = make_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
-    with pytest.raises(UserError, match="trainer.strategy='tpu' is unknown; use one of: default, mirrored, multi_worker"):
+    with pytest.raises(UserError, match="strategy='tpu' is unknown; use one of: default, mirrored, multi_worker$"):
         Job.from_config(compose_config("trainer.strategy=tpu"))
 
 
@@ -148,9 +152,10 @@ def test_multi_worker_refuses_a_sweep_before_its_run(tmp_path):
 
 
 def test_multi_worker_refuses_the_cached_feature_path():
-    with pytest.raises(UserError, match="trainer.strategy=multi_worker trains end to end, .*: set trainer.feature_cache=false"):
-        Job.from_config(compose_config("trainer.strategy=multi_worker", "trainer.cluster={workers:[node1:2222],index:0}",
-                                       "model=linear_probe"))
+    cfg = compose_config("trainer.strategy=multi_worker", "trainer.cluster={workers:[node1:2222],index:0}",
+                         "model=linear_probe")
+    with pytest.raises(UserError, match="multi_worker trains end to end, .*: set trainer.feature_cache=false$"):
+        Job.from_config(cfg)
 
 
 def test_cpu_devices_that_tensorflow_cannot_take_any_more_are_a_one_line_error(synthetic_cfg, tmp_path):
