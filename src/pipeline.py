@@ -7,6 +7,7 @@ train + validation, then evaluate test once, after every choice is made.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src import features, plots, selection, shifts, spec, stats, track
 from src.backbone import load_backbone
@@ -26,7 +27,7 @@ from src.export import export_saved_model, log_pyfunc_model, serving_cost
 from src.model import Network
 from src.spec import Job
 from src.stages import SHIFTED_VALIDATION, Context, CrossValidation, Fitted, Plan, selection_column
-from src.train import configure_cpu_devices, make_loss, make_strategy, precision, profiler
+from src.train import configure_cpu_devices, is_chief, make_loss, make_strategy, precision, profiler
 from src.views import predict_views
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def prepare(cfg: DictConfig) -> tuple[Job, Inputs]:
     """Everything that fails on bad input: the config's values, the devices, the dataset, the backbones."""
     job = Job.from_config(cfg)
     configure_cpu_devices(job.cpu_devices)  # before anything starts TensorFlow's devices
-    strategy = make_strategy(job.strategy)
+    strategy = make_strategy(job.strategy, job.tf_config)
     splits = load_splits(job.data)
     if job.select_on != "clean" or job.measure_shifts:
         splits = splits.with_sample(SHIFTED_VALIDATION, "validation", job.shift_per_class, shifts.SEED)
@@ -64,12 +65,29 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None,
     sweep (`parent_run_id`) starts its run first, so that a failure stays visible in the sweep as FAILED."""
     if parent_run_id is None:
         job, inputs = prepare(cfg)
+        if not is_chief(inputs.strategy):
+            return _run_unlogged(job, inputs, cfg, callbacks)
         track.setup(cfg.tracking)
         with track.job_run(job.run_name, cfg, None):
             return _run(job, inputs, output_dir, callbacks)
     track.setup(cfg.tracking)
     with track.job_run(spec.run_name(cfg), cfg, parent_run_id):
         return _run(*prepare(cfg), output_dir, callbacks)
+
+
+def _run_unlogged(job: Job, inputs: Inputs, cfg: DictConfig, callbacks) -> dict[str, float]:
+    """A multi-worker job on a worker other than the chief: every step the chief takes, since fit and evaluate
+    hold collective ops that each worker must join (and so may saving the model), but logged to a throw-away
+    MLflow store and exported to a throw-away folder (as MultiWorkerMirroredStrategy asks of workers that save),
+    both deleted after."""
+    with tempfile.TemporaryDirectory(prefix="worker-") as tmp:
+        track.setup(OmegaConf.create({**cfg.tracking, "uri": f"sqlite:///{tmp}/mlflow.db",
+                                      "artifact_location": f"{tmp}/artifacts"}))
+        try:
+            with track.job_run(job.run_name, cfg, None):
+                return _run(job, inputs, Path(tmp) / "outputs", callbacks)
+        finally:
+            mlflow.set_tracking_uri(cfg.tracking.uri)
 
 
 def _run(job: Job, inputs: Inputs, output_dir: Path, callbacks) -> dict[str, float]:

@@ -8,7 +8,10 @@ once, here) and the views, and freezes the result. Everything downstream takes t
 from __future__ import annotations
 
 import inspect
+import json
 import numbers
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from src.views import parse_views
 HEADS = ("dense", "logistic_regression")
 SELECT_ON = ("clean", "shifted", "mean")
 REFIT_BUDGETS = ("epochs", "steps")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class Job:
     measure_shifts: bool  # measure the selected model on the shifted validation sample, the final one on shifted test
     feature_cache: bool
     strategy: str
+    tf_config: str | None  # strategy=multi_worker: the cluster and this process's task, as TF_CONFIG's JSON
     cpu_devices: int | None
     mixed_precision: bool
     profile: bool
@@ -173,7 +177,7 @@ class Job:
             refit=trainer.get("refit_budget", "epochs") if trainer.refit else None,
             cv_folds=trainer.get("cv_folds"), select_on=trainer.get("select_on", "clean"),
             shift_per_class=cfg.robustness.per_class, measure_shifts=cfg.robustness.measure,
-            feature_cache=trainer.feature_cache, strategy=trainer.strategy,
+            feature_cache=trainer.feature_cache, strategy=trainer.strategy, tf_config=tf_config(trainer),
             cpu_devices=trainer.cpu_devices, mixed_precision=trainer.mixed_precision, profile=trainer.profile,
             verbose=trainer.verbose, export=Export(**cfg.export), cache_dir=Path(cfg.paths.cache_dir),
             config=_read_only(cfg))
@@ -241,6 +245,45 @@ def resolve_backbones(cfg: DictConfig) -> tuple[Backbone, ...]:
         _check_bool(entry, "trainable", f"{entry.name}.trainable")
         backbones.append(Backbone(entry.name, entry.handle, tuple(size), entry.trainable, entry.train_batchnorm))
     return tuple(backbones)
+
+
+def tf_config(trainer: DictConfig) -> str | None:
+    """strategy=multi_worker's cluster as the TF_CONFIG JSON that MultiWorkerMirroredStrategy reads: from
+    trainer.cluster, {workers: [host:port, ...], index: i}, with this process worker i and worker 0 the chief;
+    else the TF_CONFIG environment variable as it is, for launchers that set it (with a `chief` task or not)."""
+    if trainer.strategy != "multi_worker":
+        return None
+    cluster = trainer.get("cluster")
+    if cluster is not None:
+        shown = f"trainer.cluster={OmegaConf.to_container(cluster) if isinstance(cluster, DictConfig) else cluster!r}"
+        config = ({"cluster": {"worker": OmegaConf.to_container(cluster.get("workers"))},
+                   "task": {"type": "worker", "index": cluster.get("index")}}
+                  if isinstance(cluster, DictConfig) and OmegaConf.is_list(cluster.get("workers")) else None)
+    elif os.environ.get("TF_CONFIG"):
+        shown = f"TF_CONFIG={os.environ['TF_CONFIG']}"
+        try:
+            config = json.loads(os.environ["TF_CONFIG"])
+        except ValueError:
+            config = None
+    else:
+        raise UserError("trainer.strategy=multi_worker needs the cluster: set trainer.cluster={workers:[host:port,"
+                        "host:port],index:i} (i: this process's place in workers, 0 the chief) or TF_CONFIG")
+    if not _valid_cluster(config):
+        raise UserError(f"{shown} is invalid: expected trainer.cluster={{workers:[host:port,host:port],index:i}} "
+                        "with 0 <= i < the number of workers, or TF_CONFIG with a cluster of worker (and chief) "
+                        "host:port lists and this process's task type and index")
+    return json.dumps(config)
+
+
+def _valid_cluster(config) -> bool:
+    try:
+        tasks, task = config["cluster"], config["task"]
+        addresses = [a for kind in ("chief", "worker") for a in tasks.get(kind, [])]
+        return (bool(addresses) and set(tasks) <= {"chief", "worker"}
+                and all(isinstance(a, str) and re.fullmatch(r"[^\s:]+:\d+", a) for a in addresses)
+                and type(task["index"]) is int and 0 <= task["index"] < len(tasks[task["type"]]))
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def _check_bool(cfg: DictConfig, key: str, shown: str | None = None) -> None:
@@ -315,3 +358,6 @@ def _check_combinations(job: Job) -> None:
         if job.mixed_precision or job.strategy != "default":
             raise UserError("model=logistic_regression trains with scikit-learn on the CPU; set "
                             "trainer.strategy=default and trainer.mixed_precision=false")
+    if job.strategy == "multi_worker" and job.uses_feature_cache:
+        raise UserError("trainer.strategy=multi_worker trains end to end, through the images (each worker would "
+                        "compute the feature cache): set trainer.feature_cache=false")

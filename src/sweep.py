@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,8 @@ SWEEP_JOBS_ENV = "FLOWERS_SWEEP_JOBS"
 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.trainer.strategy == "multi_worker":  # each worker would start a sweep run of its own
+            sys.exit("error: trainer.strategy=multi_worker trains one job per command; start each worker without -m")
         experiment_id = track.setup(config.tracking)
         sweep_dir = config.hydra.sweep.dir
         run = mlflow.MlflowClient().create_run(

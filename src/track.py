@@ -147,7 +147,8 @@ def git_commit() -> str:
 
 
 def device_tags(strategy: tf.distribute.Strategy) -> dict[str, str]:
-    """The devices the job trains on: their kind and model, and how many the strategy uses."""
+    """The devices the job trains on: their kind and model, and how many the strategy uses (under multi_worker,
+    every worker's, e.g. worker:0/CPU:0, worker:1/CPU:0)."""
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
@@ -158,6 +159,10 @@ def device_tags(strategy: tf.distribute.Strategy) -> dict[str, str]:
         devices = [d.rsplit("/", 1)[-1].removeprefix("device:") for d in strategy.extended.worker_devices]
     except RuntimeError:  # the default strategy has no device list: it runs on TensorFlow's default device
         devices = [f"{kind}:0"]
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # each worker has this worker's devices
+        tasks = strategy.cluster_resolver.cluster_spec().as_dict()
+        devices = [f"{task}:{i}/{d}" for task in ("chief", "worker") for i in range(len(tasks.get(task, ())))
+                   for d in devices]
     return {"device": kind, "device.name": model, "device.count": str(len(devices)), "devices": ", ".join(devices)}
 
 

@@ -3,12 +3,14 @@ fit with early stopping on val accuracy."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+from keras.src.backend.tensorflow import trainer as keras_trainer
 
 from src.config import UserError
 from src.spec import Optimizer
@@ -29,14 +31,55 @@ def configure_cpu_devices(count: int | None) -> None:
                             "set it for the first job of the process, or run jobs in separate processes") from None
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str, tf_config: str | None = None) -> tf.distribute.Strategy:
     """`default`: one device. `mirrored`: data parallel over every GPU, or over the logical CPU devices on a
-    machine without GPUs (trainer.cpu_devices)."""
+    machine without GPUs (trainer.cpu_devices). `multi_worker`: data parallel over processes, each a worker of
+    the cluster in `tf_config` (TF_CONFIG's JSON, set here for the strategy to read), with its GPUs or its CPU;
+    TensorFlow allows it only before its runtime starts, i.e. once per process."""
     if name == "default":
         return tf.distribute.get_strategy()
+    if name == "multi_worker":
+        os.environ["TF_CONFIG"] = tf_config
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError:
+            raise UserError("trainer.strategy=multi_worker: TensorFlow already started in this process; run each "
+                            "worker's job in a process of its own, as its first job") from None
+        _patch_keras_for_workers()
+        return strategy
     if tf.config.list_logical_devices("GPU"):
         return tf.distribute.MirroredStrategy()
     return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices("CPU")])
+
+
+def _patch_keras_for_workers() -> None:
+    """Two steps of Keras 3's fit and evaluate fail across workers (keras-team/keras#20585, Keras 3.15), and are
+    replaced: building the model from a first batch averaged over the replicas (building needs only its shapes,
+    which this replica's part has), and averaging a step's scalar metrics over the replicas along an axis 0
+    that they do not have (their mean over every replica is what one process computes)."""
+    def build_from_local_batch(model, iterator=None, data_batch=None):
+        if iterator is not None and model._distribute_strategy is not None:
+            local = model.distribute_strategy.experimental_local_results
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(lambda v: local(v)[0], next(batches))
+                break
+            iterator = None
+        keras_build(model, iterator, data_batch)
+
+    def mean_over_replicas(values, strategy, reduction="auto"):
+        if reduction != "auto":
+            return keras_reduce(values, strategy, reduction)
+        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+
+    keras_build, keras_reduce = keras_trainer.TensorFlowTrainer._maybe_symbolic_build, keras_trainer.reduce_per_replica
+    keras_trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_local_batch
+    keras_trainer.reduce_per_replica = mean_over_replicas
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process logs and exports: the one process, or under multi_worker the chief (TF_CONFIG's
+    `chief` task, else worker 0)."""
+    return strategy.extended.should_checkpoint
 
 
 def precision_policy(mixed: bool) -> str:
@@ -76,8 +119,13 @@ def profiler(log_dir: Path) -> keras.callbacks.TensorBoard:
 
 
 def one_hot(batches: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
-    """Categorical labels, which label smoothing needs."""
-    return batches.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+    """Categorical labels, which label smoothing needs. Under multi_worker, every worker reads the same batches
+    and keeps its part of each (DATA sharding, after tf.distribute splits the global batch between the replicas), so a
+    step trains on the batch that one process would; the default AUTO policy would try to shard by file first."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.map(lambda x, y: (x, tf.one_hot(y, num_classes)),
+                       num_parallel_calls=tf.data.AUTOTUNE).with_options(options)
 
 
 @dataclass(frozen=True)
