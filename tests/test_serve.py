@@ -12,6 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
+from scripts.benchmark_serving import bomb_png
 from src.config import PROJECT_ROOT
 from src.pyfunc_model import FlowerClassifier
 from src.serve import free_port
@@ -26,18 +27,6 @@ def b64(data: bytes) -> str:
 
 def split(*images: str) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
-
-
-
-
-def bomb_png(width=30000, height=30000) -> bytes:
-    """A valid 1x1 PNG whose header declares width x height: a few dozen bytes."""
-    import struct
-    import zlib
-    png = encode(Image.new("RGB", (1, 1)), "PNG")
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return png[:8] + chunk + png[8 + 25:]
 
 
 @pytest.fixture(scope="module")
