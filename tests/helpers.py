@@ -29,12 +29,13 @@ PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3),
 
 
 @contextmanager
-def running(command: list[str], port: int, env: dict, ready: str = "/ping", timeout: float = 180.0):
-    """Start a server process, wait until `ready` answers on the port, yield its URL; stop it afterwards."""
+def running(command: list[str], port: int, env: dict, ready: str = "/ping", timeout: float = 180.0,
+            host: str = "127.0.0.1"):
+    """Start a server process, wait until `ready` answers on host:port, yield its URL; stop it afterwards."""
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # so that stopping it stops its children too
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         try:
             if not wait_until_up(url + ready, process, timeout):
                 log.seek(0)
