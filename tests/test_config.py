@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from src.config import CONF_DIR, PROJECT_ROOT, UserError, check_group_choices, flatten
@@ -104,3 +105,20 @@ def test_flatten_gives_every_resolved_value_with_dotted_keys():
 
 def _count_leaves(node) -> int:
     return sum(_count_leaves(v) for v in node.values()) if isinstance(node, dict) else 1
+
+
+def test_every_command_of_compose_yaml_is_a_valid_job():
+    """compose.yaml is not run here (no Docker images): its commands at least compose and pass the job's checks,
+    the search workers' sweeper settings included."""
+    import yaml
+
+    services = yaml.safe_load((PROJECT_ROOT / "compose.yaml").read_text())["services"]
+    commands = {name: [a for a in s["command"] if a != "-m"] for name, s in services.items() if "command" in s}
+    assert set(commands) == {"search-1", "search-2", "train-chief", "train-worker"}
+    for name, overrides in commands.items():
+        cfg = compose_config(*(o for o in overrides if not o.startswith("hydra.")))
+        job = Job.from_config(cfg)
+        assert job.strategy == ("multi_worker" if name.startswith("train") else "default"), name
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=commands["search-1"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.heartbeat_interval == 10 and cfg.hydra.sweeper.storage.startswith("postgresql://")
