@@ -53,6 +53,7 @@ RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SCORE}": SCORE, f"metrics.{L
 # Params that do not change what a run learns: where things are, how it is served, logged or exported.
 NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "params.tracking.", "params.serve.",
                      "params.registry.", "params.export.", "params.report.", "params.trainer.verbose", "params.trainer.feature_cache",
+                     "params.trainer.cluster",  # the workers' addresses: trainer.strategy says what changes
                      "params.backbone.handle", "params.data.data_dir", "params.data.download", "params.data.cache",
                      "params.backbones")  # the backbone column names every backbone of a run (its tag)
 INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch", "cv/epochs", "refit/epochs", PASSES)
