@@ -57,7 +57,7 @@ def summarize_configurations(table: pd.DataFrame) -> pd.DataFrame:
     std of each accuracy and of the selection loss, a t-based 95 % interval on each mean when n >= 3, and where
     the runs come from. Best first, as runs are ranked, on the means."""
     done = finished(table)
-    keys = [c for c in configuration_columns(table) if done[c].notna().any()]
+    keys = _configuration_keys(table)
     grouped = done.groupby(keys, dropna=False, sort=False)
     summary = grouped[[*ACCURACIES, LOSS]].agg(["mean", "std"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
@@ -86,12 +86,18 @@ def write_summary(runs_csv: Path, out_dir: Path) -> list[str]:
     return ["summary.csv", "summary.md"]
 
 
-def by_shift(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+def _configuration_keys(table: pd.DataFrame) -> list[str]:
+    """The configuration columns that some finished run fills: what groups runs into configurations."""
+    done = finished(table)
+    return [c for c in configuration_columns(table) if done[c].notna().any()]
+
+
+def by_shift(runs: pd.DataFrame, table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     """Per configuration and split (shifted validation, shifted test), the accuracy under each shift (the mean over
     its severities, then over the seeds) and their mean; empty when no run measured shifts (robustness.measure).
-    Best first, as `summarize_configurations` ranks them."""
+    Best first, in the order of `summary` (`summarize_configurations`)."""
     done = finished(table)
-    keys = [c for c in configuration_columns(table) if done[c].notna().any()]
+    keys = _configuration_keys(table)
     metrics = runs.set_index("run_id").reindex(done["run_id"])
     rows = []
     for split in ("val", "test"):
@@ -102,11 +108,11 @@ def by_shift(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
         per_run = pd.DataFrame({shift: metrics[names].mean(axis=1).to_numpy() for shift, names in columns.items()})
         per_run = per_run.assign(**{k: done[k].to_numpy() for k in keys}).dropna(subset=list(columns))
         per_run["mean"] = per_run[list(columns)].mean(axis=1)
-        means = per_run.groupby(keys, dropna=False, sort=False)[[*columns, "mean"]].mean()
-        rows.append(means.assign(split=f"shifted {split}", n=per_run.groupby(keys, dropna=False, sort=False).size()))
+        grouped = per_run.groupby(keys, dropna=False, sort=False)
+        rows.append(grouped[[*columns, "mean"]].mean().assign(split=f"shifted {split}", n=grouped.size()))
     if not rows:
         return pd.DataFrame()
-    order = {tuple(r): i for i, r in enumerate(summarize_configurations(table)[keys].itertuples(index=False))}
+    order = {tuple(r): i for i, r in enumerate(summary[keys].itertuples(index=False))}
     result = pd.concat(rows).reset_index()
     result["rank"] = [order.get(tuple(r), len(order)) for r in result[keys].itertuples(index=False)]
     return result.sort_values(["split", "rank"], ignore_index=True).drop(columns="rank")
@@ -220,7 +226,7 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
     baseline = baseline if baseline is not None else baseline_declaration(experiment_name)
     compared = comparisons(runs, table, baseline) if baseline is not None else None
     costs = pareto(table)
-    shifted = by_shift(runs, table)
+    shifted = by_shift(runs, table, summary)
     figures = _figures(client, experiment_name, table, summary, best, optuna_storage, costs)
     try:
         with files.replaced(out_dir, folder=True) as staging:

@@ -157,6 +157,7 @@ class Job:
     def from_config(cls, cfg: DictConfig) -> Job:
         model, trainer = cfg.model, cfg.trainer
         _check_values(cfg)
+        policy = model.get("view_policy", "standard")
         head = Head(model.get("head", "dense"), model.dropout, model.normalize_features, model.label_smoothing,
                     tuple(model.get("c_grid") or ()), model.get("max_iter", 1000), model.get("tol", 1e-6))
         options = OmegaConf.to_container(trainer.optimizer)
@@ -166,10 +167,9 @@ class Job:
             augmentation=Augmentation(**{k: model.augmentation[k] for k in
                                          ("enabled", "horizontal_flip", "rotation", "zoom", "contrast")},
                                       random_views=model.augmentation.get("random_views", False),
-                                      view_policy=model.get("view_policy", "standard")),
+                                      view_policy=policy),
             tta=parse_views(model.tta, "model.tta"),
-            train_views=parse_views(model.train_views, "model.train_views", random=True,
-                                    policy=model.get("view_policy", "standard")),
+            train_views=parse_views(model.train_views, "model.train_views", random=True, policy=policy),
             optimizer=optimizer, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed,
             patience=trainer.early_stopping.patience,
             finetune=Finetune(cfg.finetune.lr_scale, cfg.finetune.epochs, cfg.finetune.patience)
