@@ -1,11 +1,14 @@
 """Benchmark the champion behind `make serve-best` against the same model in-process, and print the figures.
 
     TFDS_DATA_DIR=../shared/tensorflow_datasets .venv/bin/python scripts/benchmark_serving.py [--requests 200]
+    ... scripts/benchmark_serving.py --runtimes savedmodel,openvino,tflite [--workers 2]
     TFDS_DATA_DIR=../shared/tensorflow_datasets .venv/bin/python scripts/benchmark_serving.py --load [--json]
 
-It starts scripts/serve_best.py on a free loopback port, then, side by side in this one run:
+For each of --runtimes (serve.runtime) it starts scripts/serve_best.py on a free loopback port, then, side by
+side in this one run:
 1. latency of one JPEG (a real test image): p50 and p99 over --requests calls, through HTTP and in-process;
-2. throughput in images/s at concurrency 1 and 8 (threads, one image per request), and in-process;
+2. throughput in images/s at concurrency 1 and 8 (threads, one image per request), and in-process one image at
+   a time and eight per call (what micro-batching concurrent requests could gain at best);
 3. request and response sizes against the article's: a 299x299x3 float array as JSON, and 102 scores back.
 Machines differ and this one is shared, so read the ratios; the absolute times are for this run only.
 
@@ -185,10 +188,10 @@ def passed(report: dict) -> bool:
             and all(k["got it"] == k["sent"] for k in report["bad_by_kind"].values()))
 
 
-def start_server(model_uri: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(model_uri: str | None, *overrides: str) -> tuple[subprocess.Popen, str]:
     from src.serve import free_port, wait_until_up
     port = free_port()
-    command = [sys.executable, "scripts/serve_best.py", f"serve.port={port}"]
+    command = [sys.executable, "scripts/serve_best.py", f"serve.port={port}", *overrides]
     if model_uri:
         command[2:2] = ["--model-uri", model_uri]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -219,11 +222,58 @@ def print_load(report: dict, model_uri: str, as_json: bool) -> None:
         print(json.dumps(report))
 
 
+def in_process_model(model_uri: str, runtime: str, folder: Path | None):
+    """The pyfunc model as the server runs it with `runtime`."""
+    import mlflow
+    from src import runtimes
+    model = mlflow.pyfunc.load_model(model_uri)
+    if folder is not None:
+        runtimes.serve_with(model.unwrap_python_model(), runtime, folder, model.metadata.run_id)
+    return model
+
+
+def measure(model_uri: str, explicit: bool, runtime: str, folder: Path | None, image: bytes, n: int,
+            workers: int) -> dict:
+    """One runtime's figures: HTTP and in-process latency and throughput, side by side. `explicit`: the server
+    is told `model_uri` (else it serves the champion, which `model_uri` names)."""
+    model = in_process_model(model_uri, runtime, folder)
+    one, eight = pd.DataFrame({"image": [image]}), pd.DataFrame({"image": [image] * 8})
+    server, url = start_server(model_uri if explicit else None, f"serve.runtime={runtime}", f"serve.workers={workers}")
+    payload, local = body(image), threading.local()  # one keep-alive connection per client thread
+
+    def over_http():
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        response = local.session.post(f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"})
+        response.raise_for_status()
+        return response
+
+    try:
+        response = over_http()
+        for _ in range(10):  # warm up both
+            over_http(), model.predict(one), model.predict(eight)
+        http_p50, http_p99 = percentiles(time_calls(over_http, n))
+        local_p50, local_p99 = percentiles(time_calls(lambda: model.predict(one), n))
+        figures = {"runtime": runtime, "HTTP p50 ms": http_p50, "HTTP p99 ms": http_p99,
+                   "HTTP img/s c=1": throughput(over_http, n, 1), "HTTP img/s c=8": throughput(over_http, n, 8),
+                   "in-process p50 ms": local_p50, "in-process p99 ms": local_p99,
+                   "in-process img/s": throughput(lambda: model.predict(one), n, 1),
+                   "in-process img/s, 8 per call": 8 * throughput(lambda: model.predict(eight), n // 8, 1)}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    top = response.json()["predictions"][0]
+    return {**figures, "top-1": f"{top['class_name']} ({top['score']:.3f})", "_response": response}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, help="calls per measurement (200); with --load, in all (2000)")
     parser.add_argument("--model-uri", help="default: models:/<registry.model_name>@champion")
-    parser.add_argument("--load", action="store_true", help="the load and memory test instead")
+    parser.add_argument("--runtimes", default="savedmodel",
+                        help="comma-separated serve.runtime values to measure in turn, e.g. savedmodel,openvino,tflite")
+    parser.add_argument("--workers", type=int, default=1, help="serve.workers of each server")
+    parser.add_argument("--load", action="store_true", help="the load and memory test instead (of the first runtime)")
     parser.add_argument("--concurrency", type=int, default=8, help="--load: client threads")
     parser.add_argument("--bad-fraction", type=float, default=0.1, help="--load: the share of bad requests")
     parser.add_argument("--seed", type=int, default=0, help="--load: which requests are bad, and of which kind")
@@ -233,70 +283,49 @@ def main() -> int:
     args = parser.parse_args()
 
     import mlflow
+    from src import runtimes
     from src.config import load_config
     cfg = load_config()
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model_uri = args.model_uri or f"models:/{cfg.registry.model_name}@champion"
+    names = args.runtimes.split(",")
+    unknown = set(names) - {"savedmodel", *runtimes.SERVED}
+    if unknown:
+        sys.exit(f"error: --runtimes has {', '.join(sorted(unknown))}; use savedmodel, openvino, tflite")
+    folders = {name: None if name == "savedmodel" else runtimes.runtime_model(
+        mlflow.MlflowClient(), name, args.model_uri, cfg.registry.model_name, Path(cfg.paths.runtimes_dir))[1]
+        for name in names}  # made now when missing, not while a server starts
     image = test_image()
+    overrides = [f"serve.runtime={names[0]}", f"serve.workers={args.workers}"]
     if args.load:
         n_requests = args.requests or 2000
-        server, url = start_server(args.model_uri)
+        server, url = start_server(args.model_uri, *overrides)
         try:
             report = load(url, server.pid, image, cfg.serve, n_requests, args.concurrency, args.bad_fraction,
                           args.seed, (args.rss_first, n_requests))
         finally:
             server.terminate()
-            server.wait(timeout=30)
-        print_load(report, model_uri, args.json)
+            server.wait(timeout=60)
+        print_load(report, f"{model_uri} ({names[0]}, {args.workers} worker(s))", args.json)
         return 0 if passed(report) else 1
-    args.requests = args.requests or 200
-    payload = body(image)
-    model = mlflow.pyfunc.load_model(model_uri)
-    frame = pd.DataFrame({"image": [image]})
-    server, url = start_server(args.model_uri)
-    local = threading.local()  # one keep-alive connection per client thread
-
-    def over_http():
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        response = local.session.post(f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"})
-        response.raise_for_status()
-        return response
-
-    def in_process():
-        return model.predict(frame)
-
-    try:
-        response = over_http()
-        for _ in range(10):  # warm up both
-            over_http(), in_process()
-        http_p50, http_p99 = percentiles(time_calls(over_http, args.requests))
-        local_p50, local_p99 = percentiles(time_calls(in_process, args.requests))
-        http_c1 = throughput(over_http, args.requests, 1)
-        http_c8 = throughput(over_http, args.requests, 8)
-        local_c1 = throughput(in_process, args.requests, 1)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
+    n = args.requests or 200
+    rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, args.workers) for name in names]
+    response = rows[0].pop("_response")
+    for row in rows[1:]:
+        row.pop("_response")
+    table = pd.DataFrame(rows)
+    table["HTTP c=8 / in-process"] = table["HTTP img/s c=8"] / table["in-process img/s"]
+    table["HTTP c=8 / savedmodel's"] = (table["HTTP img/s c=8"] / table.loc[table.runtime == "savedmodel",
+                                        "HTTP img/s c=8"].squeeze() if "savedmodel" in names else float("nan"))
+    print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {n} calls per figure; {args.workers} server "
+          f"worker(s); {os.cpu_count()} CPU cores")
+    print()
+    print(table.set_index("runtime").T.to_markdown(floatfmt=".2f"))
+    print()
     article_request, article_response = article_sizes(image)
-    top = response.json()["predictions"][0]
-    print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {args.requests} calls per figure; "
-          f"{os.cpu_count()} CPU cores; top-1 {top['class_name']!r} ({top['score']:.3f})")
-    print()
     print(pd.DataFrame([
-        {"path": "HTTP (make serve-best)", "p50 ms": http_p50, "p99 ms": http_p99, "img/s c=1": http_c1,
-         "img/s c=8": http_c8},
-        {"path": "in-process pyfunc", "p50 ms": local_p50, "p99 ms": local_p99, "img/s c=1": local_c1,
-         "img/s c=8": float("nan")},
-    ]).to_markdown(index=False, floatfmt=".1f"))
-    print()
-    print(f"HTTP / in-process p50 latency: {http_p50 / local_p50:.2f}x; "
-          f"HTTP throughput at concurrency 8 / 1: {http_c8 / http_c1:.2f}x")
-    print()
-    print(pd.DataFrame([
-        {"": "request", "this model (base64 JPEG)": len(payload), "article (299x299x3 floats)": article_request,
-         "ratio": article_request / len(payload)},
+        {"": "request", "this model (base64 JPEG)": len(body(image)), "article (299x299x3 floats)": article_request,
+         "ratio": article_request / len(body(image))},
         {"": "response", "this model (base64 JPEG)": len(response.content), "article (299x299x3 floats)":
             article_response, "ratio": article_response / len(response.content)},
     ]).to_markdown(index=False, floatfmt=",.1f"))

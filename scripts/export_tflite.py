@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 
 from src import cli, runtimes
-from src.config import PROJECT_ROOT, UserError
+from src.config import UserError
 
 
 @cli.command
@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.config()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", help=f"default models:/{cfg.registry.model_name}@champion")
-    parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "tflite")
-    parser.add_argument("--representative", type=int, default=200, help="train images that calibrate int8")
+    parser.add_argument("--output", type=Path, default=Path(cfg.paths.runtimes_dir))
+    parser.add_argument("--representative", type=int, default=runtimes.REPRESENTATIVE,
+                        help="train images that calibrate int8")
     parser.add_argument("--test-images", type=int, help="compare on the first N test images (default: all)")
     args = parser.parse_args(argv)
     if args.representative < 1 or (args.test_images is not None and args.test_images < 1):

@@ -1,18 +1,23 @@
 """Serve the champion model with MLflow's scoring server on 127.0.0.1:8080 (make serve-best PORT=...).
 
-    python scripts/serve_best.py [--model-uri URI] [serve.port=8080 serve.max_images=32 ...]
+    python scripts/serve_best.py [--model-uri URI] [serve.port=8080 serve.runtime=tflite serve.workers=2 ...]
 
 POST /invocations {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ...]}}
   -> {"predictions": [{"class_name", "label", "score", "top_k": [{"class_name", "label", "score"}, ...]}, ...]}
 GET /ping, /health, /version. Limits (images per request, pixels per image, body size) are in conf/serve/.
+serve.runtime=openvino|tflite serves the model's OpenVINO or int8 TFLite export (make export-tflite; made first
+when missing) with the same contract.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from src import cli, serve
+import mlflow
+
+from src import cli, runtimes, serve
 from src.config import validate_serve
 
 
@@ -25,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.config(*args.overrides)
     validate_serve(cfg)
     model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
-    print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations",
-          flush=True)
-    serve.serve(model_uri, cfg.serve)
+    folder = None
+    if cfg.serve.runtime != "savedmodel":
+        _, folder = runtimes.runtime_model(mlflow.MlflowClient(), cfg.serve.runtime, args.model_uri,
+                                           cfg.registry.model_name, Path(cfg.paths.runtimes_dir))
+        which = ", ".join(filter(None, [which, f"{cfg.serve.runtime}: {folder / runtimes.SERVED[cfg.serve.runtime]}"]))
+    workers = f", {cfg.serve.workers} workers" if cfg.serve.workers > 1 else ""
+    print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations"
+          f"{workers}", flush=True)
+    serve.serve(model_uri, cfg.serve, folder)
     return 0
 
 

@@ -62,6 +62,9 @@ def validate_serve(cfg: DictConfig) -> None:
     check(cfg, "serve.max_request_pixels", lambda v: v >= 1,
            "a positive integer, e.g. serve.max_request_pixels=100_000_000", int)
     check(cfg, "serve.max_body_mb", lambda v: v > 0, "a positive number, e.g. serve.max_body_mb=16")
+    check(cfg, "serve.runtime", lambda v: v in ("savedmodel", "openvino", "tflite"), "savedmodel, openvino or tflite",
+          str)
+    check(cfg, "serve.workers", lambda v: v >= 1, "a positive integer, e.g. serve.workers=2", int)
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:

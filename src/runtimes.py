@@ -1,11 +1,15 @@
 """CPU inference runtimes for the exported model: TFLite (float16, int8) run with the LiteRT interpreter
 (`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing) and OpenVINO, compared
-with the SavedModel on the test split: accuracy, agreement, size and one-image latency.
+with the SavedModel on the test split: accuracy, agreement, size and one-image latency, each over the model's
+test-time views, as served.
 
 All of them convert the SavedModel's `classify_resized` signature: uint8 images already resized to the model's
 input size (`decode_and_resize`, as in training; one input per size for backbones of different sizes) -> class
 probabilities; the scaling to [0, 1] is inside. Images go in as a dict, input name -> uint8 batch. The
 TFLite models' class names are in `labels.txt` beside them, one per line, in label order.
+
+`make serve-best RUNTIME=openvino|tflite` serves the OpenVINO or the int8 TFLite model through the same pyfunc
+model (its checks, its JSON): `ServedRuntime` takes the place of the SavedModel's `serving_default`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import mlflow
@@ -24,11 +29,14 @@ import tensorflow as tf
 
 from src import files, plots, progress, register
 from src.config import UserError
-from src.data import load_splits, make_batches
+from src.data import decode_and_resize, load_splits, make_batches
 from src.export import CLASSIFY_RESIZED, median_ms, saved_model_of, size_mb
 from src.track import run_config
+from src.views import fixed_views, parse_views
 
 QUANTIZATIONS = ("float16", "int8")
+REPRESENTATIVE = 200  # train images that calibrate int8
+SERVED = {"openvino": "openvino.xml", "tflite": "int8.tflite"}  # serve.runtime -> the file it serves
 
 
 def convert(saved_model_dir: Path, quantization: str, representative: dict[str, np.ndarray] | None = None) -> bytes:
@@ -77,29 +85,111 @@ class Classifier:
         return self.runner(**images)["probabilities"]
 
 
-def to_openvino(saved_model_dir: Path, folder: Path):
+class OpenVINOClassifier:
+    """uint8 images at the input size(s), input name -> batch -> probabilities, with OpenVINO's CPU plugin.
+    `precision`: the inference precision the plugin chose (bfloat16 on CPUs with bfloat16 units, unless told
+    otherwise)."""
+
+    def __init__(self, xml: Path):
+        import openvino
+
+        self.compiled = openvino.Core().compile_model(str(xml), "CPU")
+        self.input_sizes = {port.get_any_name(): tuple(port.get_partial_shape()[i].get_length() for i in (1, 2))
+                            for port in self.compiled.inputs}
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def __call__(self, images: dict[str, np.ndarray]) -> np.ndarray:
+        return self.compiled(images)[0]
+
+
+def to_openvino(saved_model_dir: Path, folder: Path) -> OpenVINOClassifier:
     """The signature as an OpenVINO model, saved as `folder`/openvino.{xml,bin} (weights compressed to float16,
-    OpenVINO's default); returns a function of uint8 images and the inference precision OpenVINO's CPU plugin
-    chose (bfloat16 on CPUs with bfloat16 units, unless told otherwise)."""
+    OpenVINO's default)."""
     import openvino
 
     loaded = tf.saved_model.load(str(saved_model_dir))  # alive while its signature is converted
     openvino.save_model(openvino.convert_model(loaded.signatures[CLASSIFY_RESIZED]), str(folder / "openvino.xml"))
-    compiled = openvino.Core().compile_model(str(folder / "openvino.xml"), "CPU")
-    return (lambda images: compiled(images)[0]), compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return OpenVINOClassifier(folder / "openvino.xml")
+
+
+def with_views(classify, views: tuple[str, ...]):
+    """`classify` (uint8 images by input name -> probabilities) averaged over the test-time `views`, as the
+    SavedModel's `serving_default` averages them (src/views.py's `predict_views`)."""
+    if tuple(views) == ("identity",):
+        return classify
+
+    def classify_views(images: dict[str, np.ndarray]) -> np.ndarray:
+        return np.mean([classify({name: np.asarray(each) for name, each in fixed_views(images, view).items()})
+                        for view in views], axis=0)
+    return classify_views
+
+
+def served_views(run_id: str) -> tuple[str, ...]:
+    """The test-time views the run's model averages over (its `model.tta`)."""
+    return parse_views(run_config(run_id).model.tta, "model.tta")
+
+
+class ServedRuntime:
+    """A runtime in the place of the SavedModel's `serving_default`: encoded images -> the same decoding, the
+    same test-time views, the top k as tensors (labels, class_names, scores). One call at a time: neither a
+    LiteRT interpreter nor an OpenVINO infer request may be shared by threads."""
+
+    def __init__(self, classifier, class_names: list[str], views: tuple[str, ...], k: int):
+        self.classify, self.k, self.lock = with_views(classifier, views), k, threading.Lock()
+        self.names = tf.constant(class_names)
+        sizes = classifier.input_sizes
+        decoded = {name: tf.TensorSpec([*size, 3], tf.uint8) for name, size in sizes.items()}
+        self.decode = tf.function(
+            lambda image_bytes: tf.map_fn(lambda b: decode_and_resize(b, sizes), image_bytes,
+                                          fn_output_signature=decoded),
+            input_signature=[tf.TensorSpec([None], tf.string)])
+
+    def __call__(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = {name: each.numpy() for name, each in self.decode(image_bytes).items()}
+        with self.lock:
+            probabilities = self.classify(images)
+        scores, labels = tf.math.top_k(probabilities, k=self.k)
+        return {"labels": labels, "class_names": tf.gather(self.names, labels), "scores": scores}
+
+
+def serve_with(predictor, runtime: str, folder: Path, run_id: str) -> None:
+    """Make the pyfunc model `predictor` (src/pyfunc_model.py) run the `runtime` model of `folder` in the place of
+    its SavedModel, with the same class names, views and k."""
+    path = folder / SERVED[runtime]
+    classifier = OpenVINOClassifier(path) if runtime == "openvino" else Classifier(path)
+    k = predictor._serve.structured_outputs["scores"].shape[-1]
+    predictor._serve = ServedRuntime(classifier, predictor.class_names, served_views(run_id), k)
+
+
+def runtime_model(client: mlflow.MlflowClient, runtime: str, model_uri: str | None, name: str,
+                  output: Path) -> tuple[str, Path]:
+    """The model to serve with `runtime` (the champion's registry version when `model_uri` is None) and the folder
+    of its runtime models under `output`, as make export-tflite writes them; they are made now when missing."""
+    if runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise UserError("serve.runtime=openvino needs the openvino package: make install-all, or "
+                        "pip install -e '.[export]'")
+    uri, run_id, label = resolve_model(client, model_uri, name)
+    folder = output / label
+    if not (folder / SERVED[runtime]).is_file():
+        print(f"no {runtime} model in {folder}: making it as make export-tflite does (conversions, then the test "
+              "split through each model)", flush=True)
+        export(uri, run_id, folder, REPRESENTATIVE, None)
+    return uri, folder
 
 
 def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches,
-            latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None) -> pd.DataFrame:
+            latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None,
+            views: tuple[str, ...] = ("identity",)) -> pd.DataFrame:
     """Each model's accuracy on `batches` of (uint8 images by input name, labels), its top-1 agreement with the
-    SavedModel, its size (`files`) and its median latency for one image on this CPU. `runners`: name -> function of
-    uint8 images by input name; the SavedModel comes first. `images`: how many `batches` hold, for the progress
-    bar."""
+    SavedModel, its size (`files`) and its median latency for one image on this CPU, each over the test-time
+    `views`. `runners`: name -> function of uint8 images by input name; the SavedModel comes first. `images`: how
+    many `batches` hold, for the progress bar."""
     loaded = tf.saved_model.load(str(saved_model_dir))  # the signature needs the object that holds its variables
     reference = loaded.signatures[CLASSIFY_RESIZED]
     models = {"saved_model": lambda images: reference(**{k: tf.constant(v) for k, v in images.items()})
               ["probabilities"].numpy(),
               **runners}
+    models = {name: with_views(model, views) for name, model in models.items()}
     files = {"saved_model": [Path(saved_model_dir)], **files}
     predicted = {name: [] for name in models}
     labels = []
@@ -176,7 +266,7 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
         try:
             for target in progress.each(targets, "converting", "model"):
                 if target == "openvino":
-                    runners[target], openvino_precision = to_openvino(saved_model, staging)
+                    runners[target] = to_openvino(saved_model, staging)
                     written[target] = [staging / "openvino.xml", staging / "openvino.bin"]
                 else:
                     written[target] = [staging / f"{target}.tflite"]
@@ -187,9 +277,9 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
         test_split = splits.test.take(test_images) if test_images else splits.test
         test = make_batches(test_split, sizes, 32)
         table = compare(saved_model, written, runners, test, {k: v.numpy()[0] for k, v in next(iter(test))[0].items()},
-                        images=int(test_split.cardinality()))
+                        images=int(test_split.cardinality()), views=served_views(run_id))
         if "openvino" in runners:
-            table.loc[table["model"] == "openvino", "model"] = f"openvino ({openvino_precision})"
+            table.loc[table["model"] == "openvino", "model"] = f"openvino ({runners['openvino'].precision})"
         (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")
         table.to_csv(staging / "comparison.csv", index=False)
         (staging / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")

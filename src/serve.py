@@ -6,11 +6,16 @@ is wrapped in a small ASGI middleware that answers 413 past `serve.max_body_mb` 
 a Content-Type, which MLflow's app answers with a 500). The model checks the rest: the number of images, their
 size from the header, and that each one decodes (src/pyfunc_model.py). The middleware also answers GET / with
 src/page.html, a page that sends photos to /invocations and shows their top k.
+
+`serve.runtime=openvino|tflite` runs the OpenVINO or int8 TFLite model in the pyfunc model's place of its
+SavedModel (src/runtimes.py): the same checks, errors and JSON. `serve.workers=N` starts N server processes on
+one port, each with its own model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -20,9 +25,9 @@ import mlflow
 import requests
 import uvicorn
 from mlflow.pyfunc import scoring_server
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from src import register
+from src import register, runtimes
 
 PAGE = Path(__file__).with_name("page.html")  # GET /: try the model in a browser
 
@@ -88,15 +93,36 @@ class RequestLimits:
         await send({"type": "http.response.body", "body": content})
 
 
-def build_app(model_uri: str, cfg: DictConfig) -> RequestLimits:
+def build_app(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None) -> RequestLimits:
+    """The app for `model_uri`; with `runtime_folder`, its `cfg.runtime` model from there in the SavedModel's
+    place."""
     model = mlflow.pyfunc.load_model(model_uri)
-    model.unwrap_python_model().limits.update(
-        {key: cfg[key] for key in ("max_images", "max_pixels", "max_request_pixels")})
+    predictor = model.unwrap_python_model()
+    predictor.limits.update({key: cfg[key] for key in ("max_images", "max_pixels", "max_request_pixels")})
+    if runtime_folder is not None:
+        runtimes.serve_with(predictor, cfg.runtime, runtime_folder, model.metadata.run_id)
     return RequestLimits(scoring_server.init(model), int(cfg.max_body_mb * 2**20))
 
 
-def serve(model_uri: str, cfg: DictConfig) -> None:
-    uvicorn.run(build_app(model_uri, cfg), host=cfg.host, port=cfg.port, log_level="info")
+APP_ARGS = "FLOWERS_SERVE_APP"  # serve.workers > 1: how each worker process builds its app
+WORKER_START_S = 300
+
+
+def app_from_environment() -> RequestLimits:
+    args = json.loads(os.environ[APP_ARGS])
+    folder = args["runtime_folder"]
+    return build_app(args["model_uri"], OmegaConf.create(args["cfg"]), Path(folder) if folder else None)
+
+
+def serve(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None) -> None:
+    if cfg.workers == 1:
+        app = build_app(model_uri, cfg, runtime_folder)
+        return uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    os.environ[APP_ARGS] = json.dumps({"model_uri": model_uri, "cfg": OmegaConf.to_container(cfg, resolve=True),
+                                       "runtime_folder": str(runtime_folder) if runtime_folder else None})
+    # A worker loads TensorFlow and the model before it answers uvicorn's health check (5 s by default).
+    uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=cfg.workers, host=cfg.host,
+                port=cfg.port, log_level="info", timeout_worker_healthcheck=WORKER_START_S)
 
 
 def free_port() -> int:
