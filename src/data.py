@@ -1,7 +1,8 @@
 """Data: TFDS, an image folder or synthetic images -> tf.data splits of (encoded image, label).
 
 Every source yields *encoded* image bytes. One function, `decode_and_resize`, turns them into pixels
-for training, evaluation and the exported serving signature alike, so the three never drift apart.
+for training, evaluation and the exported serving signature alike, so the three never drift apart. It also
+resizes the image views of src/views.py, which are already decoded.
 """
 
 from __future__ import annotations
@@ -61,16 +62,19 @@ class Splits:
                        specs={**self.specs, name: f"{self.specs[split]}:{per_class}_per_class:seed{seed}"})
 
 
-def decode_and_resize(image_bytes: tf.Tensor, size) -> tf.Tensor | dict[str, tf.Tensor]:
+def decode_and_resize(image: tf.Tensor, size) -> tf.Tensor | dict[str, tf.Tensor]:
     """JPEG/PNG/GIF/BMP/WebP bytes -> uint8 RGB image of `size` (height, width). Grey is repeated into RGB,
     CMYK converted, and transparent pixels are put on white, as a viewer shows them (dropping the alpha
     channel would show whatever colour hides under alpha 0). Only images with alpha leave uint8 before
     the resize, so a large photo costs one byte per channel and pixel. `size` may also be a dict of sizes by
     name (Network.image_sizes): then the image at each of them, by name, from one decode, each resized from the
-    photo itself (a resize of a resize blurs)."""
-    image = tf.io.decode_image(image_bytes, expand_animations=False)  # uint8, 1 to 4 channels
-    image = tf.cond(tf.shape(image)[-1] % 2 == 0, lambda: _on_white(image), lambda: image)  # grey+alpha, RGBA
-    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+    photo itself (a resize of a resize blurs). An image already decoded to uint8 RGB [height, width, 3] (an image
+    view of src/views.py) is only resized."""
+    image = tf.convert_to_tensor(image)
+    if image.dtype == tf.string:
+        image = tf.io.decode_image(image, expand_animations=False)  # uint8, 1 to 4 channels
+        image = tf.cond(tf.shape(image)[-1] % 2 == 0, lambda: _on_white(image), lambda: image)  # grey+alpha, RGBA
+        image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
     image = tf.ensure_shape(image, [None, None, 3])
     if isinstance(size, Mapping):
         return {name: _resize(image, each) for name, each in size.items()}

@@ -113,8 +113,8 @@ def _fields(network: Network, backbone, digests: dict, splits: Splits, split: st
 
 
 def _images(splits: Splits, split: str, name: str, seed: int) -> tuple[tf.data.Dataset, str]:
-    """The split's (encoded image, label) pairs in the view's image part, and its fixed part (applied to the resized
-    batches)."""
+    """The split's (image, label) pairs in the view's image part (encoded, or decoded by an image view), and its
+    fixed part (applied to the resized batches)."""
     image, fixed = split_view(name)
     images = splits.get(split)
     return (viewed_images(images, image, seed) if image else images), fixed

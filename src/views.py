@@ -9,8 +9,9 @@ Two kinds:
 - **Image views** transform one decoded photo at its own size, before the model's resize, drawn per image from a
   generator seeded by the image's index: `random<k>` (the k-th random view of src/augment.py's standard policy;
   `random<k>-<policy>` of another policy) and
-  `shift:<shift>:<severity>` (src/shifts.py). The result is encoded losslessly (PNG) and decoded as any photo is,
-  so its features are those a served model computes for that image. They feed the feature cache only.
+  `shift:<shift>:<severity>` (src/shifts.py). The result stays a decoded uint8 image and goes straight to
+  `decode_and_resize`'s resize: the same pixels as a lossless PNG of it, decoded as any photo is, so its features
+  are those a served model computes for that image, without the encoding's cost. They feed the feature cache only.
 
 `model.tta` names a set of fixed views; `model.train_views` a set, or `random:K` (the image and K random views).
 """
@@ -58,8 +59,8 @@ def split_view(name: str) -> tuple[str | None, str]:
 
 
 def viewed_images(images: tf.data.Dataset, name: str, seed: int) -> tf.data.Dataset:
-    """(encoded image, label) pairs -> the same pairs with each photo in the image view `name` (its index in
-    `images` seeds its draws)."""
+    """(encoded image, label) pairs -> (decoded uint8 image [height, width, 3], label) pairs, each photo in the image
+    view `name` (its index in `images` seeds its draws)."""
     return images.enumerate().map(lambda i, pair: (image_view(pair[0], name, i, seed), pair[1]),
                                   num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -98,15 +99,13 @@ def _wide(images: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 def image_view(image_bytes: tf.Tensor, name: str, index, seed: int) -> tf.Tensor:
-    """An image view of one encoded photo, the `index`-th of its split, as the PNG bytes of the new photo."""
+    """An image view of one encoded photo, the `index`-th of its split, as a uint8 image [height, width, 3]."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     if name.startswith("shift:"):
-        changed = shifts.apply(image, name.removeprefix("shift:"), index, seed=shifts.SEED)
-    else:
-        k, policy = _random_view(name)
-        changed = augment.random_view(image, tf.stack([tf.cast(seed * 1000 + k, tf.int64), tf.cast(index, tf.int64)]),
-                                      augment.POLICIES[policy])
-    return tf.io.encode_png(changed)
+        return shifts.apply(image, name.removeprefix("shift:"), index, seed=shifts.SEED)
+    k, policy = _random_view(name)
+    return augment.random_view(image, tf.stack([tf.cast(seed * 1000 + k, tf.int64), tf.cast(index, tf.int64)]),
+                               augment.POLICIES[policy])
 
 
 def _random_view(name: str) -> tuple[int, str]:

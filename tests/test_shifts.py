@@ -8,6 +8,8 @@ import pytest
 import tensorflow as tf
 
 from src import augment, shifts
+from src.data import decode_and_resize, make_batches
+from src.views import image_view, viewed_images
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +141,16 @@ def test_the_broad_policy_is_seeded_and_keeps_the_standard_views_draws(photo):
     assert sum(np.array_equal(b, s) for b, s in zip(views, standard)) == 0
     # on average the broad views are softer: a quarter of them each small, blurred or compressed
     assert np.mean([sharpness(v) for v in views]) < np.mean([sharpness(v) for v in standard])
+
+
+@pytest.mark.parametrize("name", ["random0", "random1-broad", "shift:blur:2", "shift:jpeg:3", "shift:low_resolution:2"])
+def test_image_views_reach_the_model_as_their_lossless_png_would(photo, name):
+    """The views stay decoded: the same pixels as encoding each as a PNG and decoding that as any photo."""
+    photos = [tf.io.encode_jpeg(photo), tf.io.encode_png(photo[:90, 20:])]
+    images = tf.data.Dataset.from_tensor_slices((tf.stack(photos), tf.constant([0, 1], tf.int64)))
+    sizes = {"small": (24, 32), "large": (60, 40)}
+    batch, _ = next(iter(make_batches(viewed_images(images, name, seed=5), sizes, 2)))
+    for i, encoded in enumerate(photos):
+        through_png = decode_and_resize(tf.io.encode_png(image_view(encoded, name, i, seed=5)), sizes)
+        for size in sizes:
+            np.testing.assert_array_equal(batch[size][i], through_png[size])
