@@ -284,14 +284,14 @@ def main() -> int:
 
     import mlflow
     from src import runtimes
-    from src.config import load_config
+    from src.config import RUNTIMES, load_config
     cfg = load_config()
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model_uri = args.model_uri or f"models:/{cfg.registry.model_name}@champion"
     names = args.runtimes.split(",")
-    unknown = set(names) - {"savedmodel", *runtimes.SERVED}
+    unknown = set(names) - set(RUNTIMES)
     if unknown:
-        sys.exit(f"error: --runtimes has {', '.join(sorted(unknown))}; use savedmodel, openvino, tflite")
+        sys.exit(f"error: --runtimes has {', '.join(sorted(unknown))}; use {', '.join(RUNTIMES)}")
     folders = {name: None if name == "savedmodel" else runtimes.runtime_model(
         mlflow.MlflowClient(), name, args.model_uri, cfg.registry.model_name, Path(cfg.paths.runtimes_dir))[1]
         for name in names}  # made now when missing, not while a server starts

@@ -55,6 +55,9 @@ def check(cfg: DictConfig, key: str, ok, expected: str, kind: type = numbers.Rea
         raise UserError(f"{key}={value!r} is invalid: expected {expected}")
 
 
+RUNTIMES = ("savedmodel", "openvino", "tflite", "tflite_float16")  # serve.runtime (src/runtimes.py's SERVED)
+
+
 def validate_serve(cfg: DictConfig) -> None:
     check(cfg, "serve.port", lambda v: 0 < v < 65536, "a TCP port, e.g. serve.port=8080", int)
     check(cfg, "serve.max_images", lambda v: v >= 1, "a positive integer, e.g. serve.max_images=32", int)
@@ -62,8 +65,7 @@ def validate_serve(cfg: DictConfig) -> None:
     check(cfg, "serve.max_request_pixels", lambda v: v >= 1,
            "a positive integer, e.g. serve.max_request_pixels=100_000_000", int)
     check(cfg, "serve.max_body_mb", lambda v: v > 0, "a positive number, e.g. serve.max_body_mb=16")
-    check(cfg, "serve.runtime", lambda v: v in ("savedmodel", "openvino", "tflite"), "savedmodel, openvino or tflite",
-          str)
+    check(cfg, "serve.runtime", lambda v: v in RUNTIMES, ", ".join(RUNTIMES), str)
     check(cfg, "serve.workers", lambda v: v >= 1, "a positive integer, e.g. serve.workers=2", int)
 
 

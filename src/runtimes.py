@@ -8,8 +8,9 @@ input size (`decode_and_resize`, as in training; one input per size for backbone
 probabilities; the scaling to [0, 1] is inside. Images go in as a dict, input name -> uint8 batch. The
 TFLite models' class names are in `labels.txt` beside them, one per line, in label order.
 
-`make serve-best RUNTIME=openvino|tflite` serves the OpenVINO or the int8 TFLite model through the same pyfunc
-model (its checks, its JSON): `ServedRuntime` takes the place of the SavedModel's `serving_default`.
+`make serve-best RUNTIME=openvino|tflite|tflite_float16` serves the OpenVINO, the int8 or the float16 TFLite model
+through the same pyfunc model (its checks, its JSON): `ServedRuntime` takes the place of the SavedModel's
+`serving_default`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from src.views import fixed_views, parse_views
 
 QUANTIZATIONS = ("float16", "int8")
 REPRESENTATIVE = 200  # train images that calibrate int8
-SERVED = {"openvino": "openvino.xml", "tflite": "int8.tflite"}  # serve.runtime -> the file it serves
+# serve.runtime -> the file it serves
+SERVED = {"openvino": "openvino.xml", "tflite": "int8.tflite", "tflite_float16": "float16.tflite"}
 
 
 def convert(saved_model_dir: Path, quantization: str, representative: dict[str, np.ndarray] | None = None) -> bytes:
