@@ -310,17 +310,17 @@ def main() -> int:
         return 0 if passed(report) else 1
     n = args.requests or 200
     rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, args.workers) for name in names]
-    response = rows[0].pop("_response")
-    for row in rows[1:]:
-        row.pop("_response")
-    table = pd.DataFrame(rows)
+    response = rows[0]["_response"]
+    tops = {row["runtime"]: row.pop("top-1") for row in rows}
+    table = pd.DataFrame([{k: v for k, v in row.items() if k != "_response"} for row in rows]).set_index("runtime")
     table["HTTP c=8 / in-process"] = table["HTTP img/s c=8"] / table["in-process img/s"]
-    table["HTTP c=8 / savedmodel's"] = (table["HTTP img/s c=8"] / table.loc[table.runtime == "savedmodel",
-                                        "HTTP img/s c=8"].squeeze() if "savedmodel" in names else float("nan"))
+    if "savedmodel" in names:
+        table["HTTP c=8 / savedmodel's"] = table["HTTP img/s c=8"] / table.loc["savedmodel", "HTTP img/s c=8"]
     print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {n} calls per figure; {args.workers} server "
           f"worker(s); {os.cpu_count()} CPU cores")
+    print("top-1 of the image: " + "; ".join(f"{name} {top}" for name, top in tops.items()))
     print()
-    print(table.set_index("runtime").T.to_markdown(floatfmt=".2f"))
+    print(table.T.to_markdown(floatfmt=".2f"))
     print()
     article_request, article_response = article_sizes(image)
     print(pd.DataFrame([
