@@ -135,8 +135,8 @@ class ServedRuntime:
     """A runtime in the place of the SavedModel's `serving_default`: encoded images -> the same decoding, the
     same test-time views, the top k as tensors (labels, class_names, scores). The runtime runs one call at a
     time, always on the same thread: neither a LiteRT interpreter nor an OpenVINO infer request may be shared by
-    threads, and OpenVINO's CPU plugin keeps memory for each thread that calls it (the server's pool has dozens:
-    its RSS grew 23 % over 2,000 requests when each called it from its own)."""
+    threads, and OpenVINO's memory grows with the threads that call it (called from the server's pool, dozens of
+    threads, one at a time, the server's RSS grew 23 % over 2,000 requests; from one thread, 1 %)."""
 
     def __init__(self, classifier, class_names: list[str], views: tuple[str, ...], k: int):
         self.classify, self.k, self.runner = with_views(classifier, views), k, ThreadPoolExecutor(1)
