@@ -87,7 +87,7 @@ tracking-server: install  ## a team MLflow server, HOST:MLFLOW_PORT (127.0.0.1:5
 register-best: install  ## register the best run as models:/flowers@champion; e.g. ARGS="--sweep <parent run id>"
 	$(PYTHON) scripts/register_best.py $(ARGS)
 
-serve-best: install  ## serve models:/flowers@champion with MLflow's scoring server on 127.0.0.1:$(PORT); RUNTIME=openvino|tflite|tflite_float16
+serve-best: install  ## serve models:/flowers@champion with MLflow's scoring server on 127.0.0.1:$(PORT); RUNTIME=openvino|tflite|tflite_int8_dynamic|tflite_float16
 	$(PYTHON) scripts/serve_best.py serve.port=$(PORT) $(if $(RUNTIME),serve.runtime=$(RUNTIME)) $(ARGS)
 
 export-tfserving: install  ## the champion's SavedModel in TF Serving's layout: outputs/tfserving/flowers/<version>

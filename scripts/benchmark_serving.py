@@ -127,6 +127,16 @@ def throughput(call, n: int, concurrency: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+_client = threading.local()
+
+
+def session() -> requests.Session:
+    """The calling thread's own keep-alive connection."""
+    if not hasattr(_client, "session"):
+        _client.session = requests.Session()
+    return _client.session
+
+
 def rss_mb(pid: int) -> float:
     """The resident memory of the process and its children, in MB."""
     process = psutil.Process(pid)
@@ -147,15 +157,12 @@ def load(url: str, pid: int, image: bytes, limits, n_requests: int = 2000, concu
     for i, kind in zip(rng.choice(n_requests, n_bad, replace=False), rng.permutation(np.resize(list(bad), n_bad))):
         kinds[i] = str(kind)
     good = (body(image), {"Content-Type": "application/json"}, 200)
-    local = threading.local()  # one keep-alive connection per client thread
 
     def send(kind: str | None) -> tuple[str | None, int | str, float]:
         data, headers, _ = bad[kind] if kind else good
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
         start = time.perf_counter()
         try:
-            status = local.session.post(f"{url}/invocations", data=data, headers=headers, timeout=120).status_code
+            status = session().post(f"{url}/invocations", data=data, headers=headers, timeout=120).status_code
         except requests.RequestException as error:
             status = type(error).__name__
         return kind, status, time.perf_counter() - start
@@ -239,12 +246,10 @@ def measure(model_uri: str, explicit: bool, runtime: str, folder: Path | None, i
     model = in_process_model(model_uri, runtime, folder)
     one, eight = pd.DataFrame({"image": [image]}), pd.DataFrame({"image": [image] * 8})
     server, url = start_server(model_uri if explicit else None, f"serve.runtime={runtime}", f"serve.workers={workers}")
-    payload, local = body(image), threading.local()  # one keep-alive connection per client thread
+    payload = body(image)
 
     def over_http():
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        response = local.session.post(f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"})
+        response = session().post(f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"})
         response.raise_for_status()
         return response
 

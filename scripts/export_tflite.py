@@ -1,10 +1,10 @@
-"""The champion as float16 and int8 TFLite models and an OpenVINO model, checked against its SavedModel on test.
+"""The champion as TFLite models (float16, int8, dynamic-range int8) and an OpenVINO model, checked on test.
 
     python scripts/export_tflite.py                      # or: make export-tflite
     python scripts/export_tflite.py --model-uri runs:/<run id>/model --test-images 500
 
-Writes <output>/<name>-v<version>/{float16,int8}.tflite, labels.txt, openvino.{xml,bin} (when the openvino
-package is installed), and comparison.{csv,md,png}: test accuracy, agreement with the SavedModel, size and
+Writes <output>/<name>-v<version>/{float16,int8,int8_dynamic}.tflite, labels.txt, views.txt (the model's test-time
+views), openvino.{xml,bin} (when the openvino package is installed), and comparison.{csv,md,png}: test accuracy, agreement with the SavedModel, size and
 one-image CPU latency of each (every runtime on every core). The same files are logged to the model's MLflow
 run under tflite/ (not with --test-images). The int8 model is calibrated on train images, never on test.
 """

@@ -55,30 +55,30 @@ def in_process(model_uri: str):
 
 
 def tflite_model(path: Path, top_k: int):
-    """A TFLite export (labels.txt beside it); the same image checks and resizing as the MLflow model."""
-    import numpy as np
+    """A TFLite export (labels.txt and views.txt beside it) as the server runs it: the same image checks,
+    resizing and test-time views as the MLflow model."""
     import tensorflow as tf
     from mlflow.exceptions import MlflowException
 
-    from src.data import decode_and_resize
     from src.pyfunc_model import LIMITS, read_image
-    from src.runtimes import Classifier
+    from src.runtimes import Classifier, ServedRuntime
 
-    labels = path.with_name("labels.txt")
-    if not path.is_file() or not labels.is_file():
-        raise UserError(f"{path} or the labels.txt beside it is missing; write them with make export-tflite")
-    classifier, names = Classifier(path), labels.read_text().splitlines()
+    labels, views = path.with_name("labels.txt"), path.with_name("views.txt")
+    if not all(p.is_file() for p in (path, labels, views)):
+        raise UserError(f"{path} or the labels.txt or views.txt beside it is missing; write them with "
+                        "make export-tflite")
+    names = labels.read_text().splitlines()
+    served = ServedRuntime(Classifier(path), names, tuple(views.read_text().split()), min(top_k, len(names)))
 
     def predict(images: list[bytes]) -> list[list[dict]]:
         try:
             images = [read_image(image, i, LIMITS["max_pixels"])[0] for i, image in enumerate(images)]
         except MlflowException as error:
             raise UserError(error.message) from None
-        decoded = [decode_and_resize(tf.constant(image), classifier.input_sizes) for image in images]
-        pixels = {name: np.stack([d[name].numpy() for d in decoded]) for name in classifier.input_sizes}
-        probabilities = classifier(pixels)
-        return [[{"class_name": names[j], "label": int(j), "score": float(row[j])} for j in np.argsort(-row)[:top_k]]
-                for row in probabilities]
+        top = {key: each.numpy() for key, each in served(tf.constant(images)).items()}
+        return [[{"class_name": name.decode(), "label": int(label), "score": float(score)}
+                 for name, label, score in zip(*row)]
+                for row in zip(top["class_names"], top["labels"], top["scores"])]
     return predict
 
 

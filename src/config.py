@@ -55,7 +55,8 @@ def check(cfg: DictConfig, key: str, ok, expected: str, kind: type = numbers.Rea
         raise UserError(f"{key}={value!r} is invalid: expected {expected}")
 
 
-RUNTIMES = ("savedmodel", "openvino", "tflite", "tflite_float16")  # serve.runtime (src/runtimes.py's SERVED)
+# serve.runtime (src/runtimes.py's SERVED)
+RUNTIMES = ("savedmodel", "openvino", "tflite", "tflite_int8_dynamic", "tflite_float16")
 
 
 def validate_serve(cfg: DictConfig) -> None:

@@ -81,6 +81,15 @@ def decode_and_resize(image: tf.Tensor, size) -> tf.Tensor | dict[str, tf.Tensor
     return _resize(image, size)
 
 
+def decode_batch(image_bytes: tf.Tensor, size) -> tf.Tensor | dict[str, tf.Tensor]:
+    """A batch of encoded photos [batch] -> `decode_and_resize` of each, batched: uint8 [batch, height, width, 3],
+    or a dict of them by name when `size` is a dict of sizes."""
+    def spec(each):
+        return tf.TensorSpec([*each, 3], tf.uint8)
+    signature = {name: spec(each) for name, each in size.items()} if isinstance(size, Mapping) else spec(size)
+    return tf.map_fn(lambda b: decode_and_resize(b, size), image_bytes, fn_output_signature=signature)
+
+
 def _resize(image: tf.Tensor, size) -> tf.Tensor:
     resized = tf.image.resize(image, size, method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)

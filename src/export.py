@@ -17,7 +17,7 @@ import tensorflow as tf
 from mlflow.models import Model, infer_signature
 
 from src import files
-from src.data import decode_and_resize
+from src.data import decode_batch
 from src.model import Network
 from src.selection import LATENCY, PASSES, SIZE
 from src.views import predict_views
@@ -49,13 +49,10 @@ def export_saved_model(model: keras.Model, network: Network, class_names: list[s
     k, sizes, inputs = min(top_k, len(class_names)), network.image_sizes, resized_inputs(network)
     classify = network.classify_resized(model.get_layer("head"))
     names = tf.constant(class_names)
-    decoded = {name: tf.TensorSpec([*size, 3], tf.uint8) for name, size in inputs.items()}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
-        images = tf.map_fn(lambda b: decode_and_resize(b, sizes), image_bytes,
-                           fn_output_signature=decoded if isinstance(sizes, dict) else decoded["images"])
-        scores, labels = tf.math.top_k(predict_views(model, images, views), k=k)
+        scores, labels = tf.math.top_k(predict_views(model, decode_batch(image_bytes, sizes), views), k=k)
         return {"labels": labels, "class_names": tf.gather(names, labels), "scores": scores}
 
     def classify_images(*images):

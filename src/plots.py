@@ -228,8 +228,10 @@ def model_comparison(table: pd.DataFrame, title: str) -> plt.Figure:
     for ax, (column, label, fmt) in zip(axes, (("test/accuracy", "test accuracy", "{:.4f}"),
                                                ("size_mb", "size (MB)", "{:.1f}"),
                                                ("latency_ms", "latency, one image (ms)", "{:.1f}"))):
-        bars = ax.bar(table["model"], table[column], color=["#3182bd", "#9ecae1", "#fdae6b", "#a1d99b"][:len(table)])
+        bars = ax.bar(table["model"], table[column],
+                      color=["#3182bd", "#9ecae1", "#fdae6b", "#e6550d", "#a1d99b"][:len(table)])
         ax.bar_label(bars, labels=[fmt.format(v) for v in table[column]], fontsize=8)
+        ax.tick_params(axis="x", labelrotation=20)
         ax.set(title=label, ylabel=label)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)

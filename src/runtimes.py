@@ -1,16 +1,17 @@
-"""CPU inference runtimes for the exported model: TFLite (float16, int8) run with the LiteRT interpreter
-(`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing) and OpenVINO, compared
-with the SavedModel on the test split: accuracy, agreement, size and one-image latency, each over the model's
+"""CPU inference runtimes for the exported model: TFLite (float16, int8, int8_dynamic) run with the LiteRT
+interpreter (`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing) and OpenVINO,
+compared with the SavedModel on the test split: accuracy, agreement, size and one-image latency, each over the model's
 test-time views, as served.
 
 All of them convert the SavedModel's `classify_resized` signature: uint8 images already resized to the model's
 input size (`decode_and_resize`, as in training; one input per size for backbones of different sizes) -> class
 probabilities; the scaling to [0, 1] is inside. Images go in as a dict, input name -> uint8 batch. The
-TFLite models' class names are in `labels.txt` beside them, one per line, in label order.
+TFLite models' class names are in `labels.txt` beside them, one per line, in label order, and the model's
+test-time views in `views.txt`.
 
-`make serve-best RUNTIME=openvino|tflite|tflite_float16` serves the OpenVINO, the int8 or the float16 TFLite model
-through the same pyfunc model (its checks, its JSON): `ServedRuntime` takes the place of the SavedModel's
-`serving_default`.
+`make serve-best RUNTIME=openvino|tflite|tflite_int8_dynamic|tflite_float16` serves the OpenVINO, the int8, the
+dynamic-range int8 or the float16 TFLite model through the same pyfunc model (its checks, its JSON):
+`ServedRuntime` takes the place of the SavedModel's `serving_default`.
 """
 
 from __future__ import annotations
@@ -30,20 +31,23 @@ import tensorflow as tf
 
 from src import files, plots, progress, register
 from src.config import UserError
-from src.data import decode_and_resize, load_splits, make_batches
+from src.data import decode_batch, load_splits, make_batches
 from src.export import CLASSIFY_RESIZED, median_ms, saved_model_of, size_mb
 from src.track import run_config
-from src.views import fixed_views, parse_views
+from src.views import parse_views, predict_views
 
-QUANTIZATIONS = ("float16", "int8")
+QUANTIZATIONS = ("float16", "int8", "int8_dynamic")
 REPRESENTATIVE = 200  # train images that calibrate int8
 # serve.runtime -> the file it serves
-SERVED = {"openvino": "openvino.xml", "tflite": "int8.tflite", "tflite_float16": "float16.tflite"}
+SERVED = {"openvino": "openvino.xml", "tflite": "int8.tflite", "tflite_int8_dynamic": "int8_dynamic.tflite",
+          "tflite_float16": "float16.tflite"}
 
 
 def convert(saved_model_dir: Path, quantization: str, representative: dict[str, np.ndarray] | None = None) -> bytes:
     """float16: weights stored as float16. int8: weights and activations int8 (post-training quantisation),
-    calibrated on `representative` images (input name -> uint8 [n, height, width, 3], from train)."""
+    calibrated on `representative` images (input name -> uint8 [n, height, width, 3], from train). int8_dynamic:
+    weights int8, activations float, quantised on the fly where a kernel computes in int8 (dynamic range: no
+    calibration, closer to the float model than int8, slower)."""
     if quantization not in QUANTIZATIONS:
         raise UserError(f"quantization {quantization!r} is unknown; use one of: {', '.join(QUANTIZATIONS)}")
     count = len(next(iter(representative.values()))) if representative else 0
@@ -53,7 +57,7 @@ def convert(saved_model_dir: Path, quantization: str, representative: dict[str, 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    else:
+    elif quantization == "int8":
         converter.representative_dataset = lambda: ({name: images[i][None] for name, images in representative.items()}
                                                      for i in range(count))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -120,10 +124,9 @@ def with_views(classify, views: tuple[str, ...]):
     if tuple(views) == ("identity",):
         return classify
 
-    def classify_views(images: dict[str, np.ndarray]) -> np.ndarray:
-        return np.mean([classify({name: np.asarray(each) for name, each in fixed_views(images, view).items()})
-                        for view in views], axis=0)
-    return classify_views
+    def model(viewed: dict[str, tf.Tensor], training: bool) -> np.ndarray:
+        return classify({name: np.asarray(each) for name, each in viewed.items()})
+    return lambda images: predict_views(model, images, views).numpy()
 
 
 def served_views(run_id: str) -> tuple[str, ...]:
@@ -141,12 +144,8 @@ class ServedRuntime:
     def __init__(self, classifier, class_names: list[str], views: tuple[str, ...], k: int):
         self.classify, self.k, self.runner = with_views(classifier, views), k, ThreadPoolExecutor(1)
         self.names = tf.constant(class_names)
-        sizes = classifier.input_sizes
-        decoded = {name: tf.TensorSpec([*size, 3], tf.uint8) for name, size in sizes.items()}
-        self.decode = tf.function(
-            lambda image_bytes: tf.map_fn(lambda b: decode_and_resize(b, sizes), image_bytes,
-                                          fn_output_signature=decoded),
-            input_signature=[tf.TensorSpec([None], tf.string)])
+        self.decode = tf.function(lambda image_bytes: decode_batch(image_bytes, classifier.input_sizes),
+                                  input_signature=[tf.TensorSpec([None], tf.string)])
 
     def __call__(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         images = {name: each.numpy() for name, each in self.decode(image_bytes).items()}
@@ -248,8 +247,8 @@ def input_sizes(saved_model_dir: Path) -> dict[str, tuple[int, int]]:
 
 
 def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None) -> pd.DataFrame:
-    """Convert to TFLite float16 and int8 (calibrated on train images) and to OpenVINO (when installed), compare
-    each with the SavedModel on test, and write `folder`; log it to the run unless only part of test was compared.
+    """Convert to TFLite float16, int8 (calibrated on train images) and int8_dynamic, and to OpenVINO (when
+    installed), compare each with the SavedModel on test, and write `folder`; log it to the run unless only part of test was compared.
     The folder is swapped in whole at the end: a failure leaves the previous export and the run as they were."""
     from tensorflow.lite.python.convert import ConverterError  # not in the public tf.lite API
 
@@ -279,11 +278,13 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
             raise UserError(f"cannot convert {model_uri}: {' '.join(str(error).split())[:300]}") from None
         test_split = splits.test.take(test_images) if test_images else splits.test
         test = make_batches(test_split, sizes, 32)
+        views = parse_views(run_cfg.model.tta, "model.tta")
         table = compare(saved_model, written, runners, test, {k: v.numpy()[0] for k, v in next(iter(test))[0].items()},
-                        images=int(test_split.cardinality()), views=served_views(run_id))
+                        images=int(test_split.cardinality()), views=views)
         if "openvino" in runners:
             table.loc[table["model"] == "openvino", "model"] = f"openvino ({runners['openvino'].precision})"
         (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")
+        (staging / "views.txt").write_text("\n".join(views) + "\n")
         table.to_csv(staging / "comparison.csv", index=False)
         (staging / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
         figure = plots.model_comparison(table, f"{model_uri}: SavedModel against TFLite and OpenVINO on "

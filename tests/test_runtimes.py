@@ -33,22 +33,25 @@ def exported(synthetic_cfg, tmp_path):
 
 def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run(exported):
     run, folder, _ = exported
-    assert {p.name for p in folder.iterdir()} == {"float16.tflite", "int8.tflite", "openvino.xml", "openvino.bin",
-                                                  "labels.txt", "comparison.csv", "comparison.md", "comparison.png"}
+    assert {p.name for p in folder.iterdir()} == {
+        "float16.tflite", "int8.tflite", "int8_dynamic.tflite", "openvino.xml", "openvino.bin", "labels.txt", "views.txt",
+        "comparison.csv", "comparison.md", "comparison.png"}
     table = pd.read_csv(folder / "comparison.csv")
-    assert list(table["model"])[:3] == ["saved_model", "float16", "int8"] and set(table["images"]) == {80}
-    assert table["model"][3].startswith("openvino (")  # with the precision OpenVINO's CPU plugin chose
+    assert list(table["model"])[:4] == ["saved_model", "float16", "int8", "int8_dynamic"]
+    assert set(table["images"]) == {80}
+    assert table["model"][4].startswith("openvino (")  # with the precision OpenVINO's CPU plugin chose
     assert table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
     assert (table["agreement_with_saved_model"] >= 0.95).all() and (table["test/accuracy"] >= 0.75).all()
     sizes = dict(zip(table["model"], table["size_mb"]))
     assert sizes["int8"] <= sizes["float16"] < sizes["saved_model"]
-    assert table["size_mb"][3] == pytest.approx(sum((folder / f).stat().st_size for f in ("openvino.xml", "openvino.bin"))
+    assert table["size_mb"][4] == pytest.approx(sum((folder / f).stat().st_size for f in ("openvino.xml", "openvino.bin"))
                                                 / 2**20)
     assert sizes["int8"] == pytest.approx((folder / "int8.tflite").stat().st_size / 2**20)
     assert (table["latency_ms"] > 0).all()
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tflite")}
     assert logged == {f"tflite/{p.name}" for p in folder.iterdir()}
     assert (folder / "labels.txt").read_text().split() == ["red", "green", "blue", "yellow"]
+    assert (folder / "views.txt").read_text().split() == ["identity"]  # the run's model.tta
 
 
 def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):
@@ -60,6 +63,31 @@ def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):
     probabilities = classifier({name: batch.numpy() for name, batch in images.items()})
     assert probabilities.shape == (80, 4) and np.allclose(probabilities.sum(axis=1), 1, atol=0.02)
     assert (probabilities.argmax(axis=1) == labels.numpy()).mean() >= 0.75
+
+
+def test_dynamic_range_stores_the_large_weights_as_int8_and_computes_in_float(tmp_path):
+    import tensorflow as tf
+
+    module = tf.Module()  # the tiny backbone's weights are too small for the converter to quantise
+    module.weights = tf.Variable(tf.random.stateless_normal([192, 64], seed=[1, 2]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.uint8, name="images")])
+    def classify(images):
+        return {"probabilities": tf.nn.softmax(tf.reshape(tf.cast(images, tf.float32) / 255, [-1, 192]) @ module.weights)}
+
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures={"classify_resized": classify})
+    dynamic, float16 = convert(tmp_path / "model", "int8_dynamic"), convert(tmp_path / "model", "float16")
+    assert any(d["dtype"] == np.int8 and d["shape"].tolist() == [64, 192]
+               for d in interpreter(dynamic).get_tensor_details())
+    assert not any(d["dtype"] == np.int8 for d in interpreter(float16).get_tensor_details())
+    assert len(dynamic) < len(float16)
+    runner = interpreter(dynamic).get_signature_runner("classify_resized")
+    assert [d["dtype"] for d in runner.get_input_details().values()] == [np.uint8]
+    assert [d["dtype"] for d in runner.get_output_details().values()] == [np.float32]
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    got, want = runner(images=images)["probabilities"], classify(images)["probabilities"].numpy()
+    np.testing.assert_allclose(got, want, atol=0.05)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.9
 
 
 def test_predict_runs_the_tflite_file_and_rejects_what_is_not_an_image(exported, tmp_path):
@@ -97,12 +125,12 @@ def test_backbones_of_two_sizes_export_with_one_input_per_size(synthetic_cfg, ti
     assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(out),
                                "--representative", "40"]) == 0
     progress = capsys.readouterr().err
-    assert "converting: 100%" in progress and "3/3" in progress  # float16, int8, OpenVINO
-    assert "test images through 4 models: 100%" in progress and "80/80" in progress
+    assert "converting: 100%" in progress and "4/4" in progress  # float16, int8, int8_dynamic, OpenVINO
+    assert "test images through 5 models: 100%" in progress and "80/80" in progress
     folder = out / f"run-{run.info.run_id}"
     assert Classifier(folder / "int8.tflite").input_sizes == {"images_32x32": (32, 32), "images_48x48": (48, 48)}
     table = pd.read_csv(folder / "comparison.csv")
-    assert len(table) == 4 and table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
+    assert len(table) == 5 and table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
     assert (table["agreement_with_saved_model"] >= 0.95).all()
 
 
@@ -124,7 +152,7 @@ def test_without_a_champion_export_tflite_says_what_to_do(tracking_uri, capsys):
 
 def test_an_unknown_quantization_or_int8_without_calibration_images_is_a_user_error(exported):
     _, folder, _ = exported
-    with pytest.raises(UserError, match="quantization 'int4' is unknown; use one of: float16, int8"):
+    with pytest.raises(UserError, match="quantization 'int4' is unknown; use one of: float16, int8, int8_dynamic"):
         convert(folder, "int4")
     with pytest.raises(UserError, match="int8 conversion needs representative train images to calibrate on"):
         convert(folder, "int8", {"images": np.zeros((0, 32, 32, 3), np.uint8)})

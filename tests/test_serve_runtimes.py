@@ -69,7 +69,8 @@ def saved_model_answers(store):
     return model.predict(pd.DataFrame({"image": store["images"]})).to_dict("records")
 
 
-@pytest.mark.parametrize("runtime, workers", [("tflite", 1), ("tflite_float16", 1), ("openvino", 2)])
+@pytest.mark.parametrize("runtime, workers", [("tflite", 1), ("tflite_int8_dynamic", 1), ("tflite_float16", 1),
+                                               ("openvino", 2)])
 def test_each_runtime_answers_with_the_saved_models_json_and_its_4xx(store, saved_model_answers, runtime, workers):
     with serve(store, f"serve.runtime={runtime}", f"serve.workers={workers}") as url:
         server = next(p for p in psutil.Process().children() if "scripts/serve_best.py" in p.cmdline())
@@ -118,7 +119,7 @@ def test_the_runtime_serves_the_mean_over_the_models_test_time_views(store):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("serve.runtime=onnx", "serve.runtime='onnx' is invalid: expected savedmodel, openvino, tflite, tflite_float16"),
+    ("serve.runtime=onnx", "serve.runtime='onnx' is invalid: expected savedmodel, openvino, tflite, tflite_int8_dynamic, tflite_float16"),
     ("serve.workers=0", "serve.workers=0 is invalid: expected a positive integer"),
 ])
 def test_an_unknown_runtime_or_no_workers_is_a_one_line_error(store, override, message):
