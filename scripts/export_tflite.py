@@ -3,10 +3,10 @@
     python scripts/export_tflite.py                      # or: make export-tflite
     python scripts/export_tflite.py --model-uri runs:/<run id>/model --test-images 500
 
-Writes <output>/<name>-v<version>/{float16,int8,int8_dynamic}.tflite, labels.txt, views.txt (the model's test-time
-views), openvino.{xml,bin} (when the openvino package is installed), and comparison.{csv,md,png}: test accuracy, agreement with the SavedModel, size and
-one-image CPU latency of each (every runtime on every core). The same files are logged to the model's MLflow
-run under tflite/ (not with --test-images). The int8 model is calibrated on train images, never on test.
+Writes <output>/<name>-v<version>/{float16,int8,int8_dynamic}.tflite, labels.txt, views.txt (the model's
+test-time views), openvino.{xml,bin} (when the openvino package is installed), and comparison.{csv,md,png}: test
+accuracy, agreement with the SavedModel (with its 95 % interval), size and one-image CPU latency of each (every
+runtime on every core). The same files are logged to the model's MLflow run under tflite/ (not with --test-images). The int8 model is calibrated on train images, never on test.
 """
 
 from __future__ import annotations

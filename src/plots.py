@@ -232,6 +232,8 @@ def model_comparison(table: pd.DataFrame, title: str) -> plt.Figure:
                       color=["#3182bd", "#9ecae1", "#fdae6b", "#e6550d", "#a1d99b"][:len(table)])
         ax.bar_label(bars, labels=[fmt.format(v) for v in table[column]], fontsize=8)
         ax.tick_params(axis="x", labelrotation=20)
+        if column == "test/accuracy":  # from 0, differences of a point or two would not show
+            ax.set_ylim(max(0.0, table[column].min() - 0.05), min(1.0, table[column].max() + 0.02))
         ax.set(title=label, ylabel=label)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)

@@ -1,7 +1,7 @@
 """CPU inference runtimes for the exported model: TFLite (float16, int8, int8_dynamic) run with the LiteRT
 interpreter (`ai-edge-litert`; TensorFlow's own deprecated `tf.lite.Interpreter` if it is missing) and OpenVINO,
-compared with the SavedModel on the test split: accuracy, agreement, size and one-image latency, each over the model's
-test-time views, as served.
+compared with the SavedModel on the test split: accuracy, agreement, size and one-image latency, each over the
+model's test-time views, as served.
 
 All of them convert the SavedModel's `classify_resized` signature: uint8 images already resized to the model's
 input size (`decode_and_resize`, as in training; one input per size for backbones of different sizes) -> class
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from src import files, plots, progress, register
+from src import files, plots, progress, register, stats
 from src.config import UserError
 from src.data import decode_batch, load_splits, make_batches
 from src.export import CLASSIFY_RESIZED, median_ms, saved_model_of, size_mb
@@ -184,9 +184,9 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
             latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None,
             views: tuple[str, ...] = ("identity",)) -> pd.DataFrame:
     """Each model's accuracy on `batches` of (uint8 images by input name, labels), its top-1 agreement with the
-    SavedModel, its size (`files`) and its median latency for one image on this CPU, each over the test-time
-    `views`. `runners`: name -> function of uint8 images by input name; the SavedModel comes first. `images`: how
-    many `batches` hold, for the progress bar."""
+    SavedModel (with a bootstrap 95 % interval over the images), its size (`files`) and its median latency for
+    one image on this CPU, each over the test-time `views`. `runners`: name -> function of uint8 images by input
+    name; the SavedModel comes first. `images`: how many `batches` hold, for the progress bar."""
     loaded = tf.saved_model.load(str(saved_model_dir))  # the signature needs the object that holds its variables
     reference = loaded.signatures[CLASSIFY_RESIZED]
     models = {"saved_model": lambda images: reference(**{k: tf.constant(v) for k, v in images.items()})
@@ -208,8 +208,10 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
     sizes = {name: size_mb(*paths) for name, paths in files.items()}
     rows = []
     for name, model in models.items():
+        agree = predicted[name] == predicted["saved_model"]
+        low, high = stats.accuracy_interval(agree)
         rows.append({"model": name, "test/accuracy": float((predicted[name] == labels).mean()),
-                     "agreement_with_saved_model": float((predicted[name] == predicted["saved_model"]).mean()),
+                     "agreement_with_saved_model": float(agree.mean()), "agreement_low": low, "agreement_high": high,
                      "size_mb": sizes[name], "latency_ms": _latency(model, latency_image, latency_runs),
                      "images": len(labels)})
     table = pd.DataFrame(rows)
@@ -249,7 +251,8 @@ def input_sizes(saved_model_dir: Path) -> dict[str, tuple[int, int]]:
 
 def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None) -> pd.DataFrame:
     """Convert to TFLite float16, int8 (calibrated on train images) and int8_dynamic, and to OpenVINO (when
-    installed), compare each with the SavedModel on test, and write `folder`; log it to the run unless only part of test was compared.
+    installed), compare each with the SavedModel on test, and write `folder`; log it to the run unless only part
+    of test was compared.
     The folder is swapped in whole at the end: a failure leaves the previous export and the run as they were."""
     from tensorflow.lite.python.convert import ConverterError  # not in the public tf.lite API
 

@@ -42,6 +42,8 @@ def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run
     assert table["model"][4] == "openvino (f32)"  # float32 also on CPUs with bfloat16
     assert table.loc[0, "test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
     assert (table["agreement_with_saved_model"] >= 0.95).all() and (table["test/accuracy"] >= 0.75).all()
+    assert (table["agreement_low"] <= table["agreement_with_saved_model"]).all()
+    assert (table["agreement_with_saved_model"] <= table["agreement_high"]).all() and table["agreement_low"][0] == 1
     sizes = dict(zip(table["model"], table["size_mb"]))
     assert sizes["int8"] <= sizes["float16"] < sizes["saved_model"]
     assert table["size_mb"][4] == pytest.approx(sum((folder / f).stat().st_size for f in ("openvino.xml", "openvino.bin"))
