@@ -93,14 +93,14 @@ class Classifier:
 
 class OpenVINOClassifier:
     """uint8 images at the input size(s), input name -> batch -> probabilities, with OpenVINO's CPU plugin, in
-    float32. Left to itself the plugin computes in bfloat16 on CPUs that have it, and then agreed with the
-    SavedModel on fewer answers: 99.1 % of validation against 99.8 % in float32 (experiments/serving_benchmark).
-    `precision`: the inference precision the plugin runs at."""
+    float32 unless `hint` says otherwise. Left to itself the plugin computes in bfloat16 on CPUs that have it, and
+    then agreed with the SavedModel on fewer answers: 99.1 % of validation against 99.8 % in float32
+    (experiments/serving_benchmark). `precision`: the inference precision the plugin runs at."""
 
-    def __init__(self, xml: Path):
+    def __init__(self, xml: Path, hint: str = "f32"):
         import openvino
 
-        self.compiled = openvino.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.compiled = openvino.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": hint})
         self.input_sizes = {port.get_any_name(): tuple(port.get_partial_shape()[i].get_length() for i in (1, 2))
                             for port in self.compiled.inputs}
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

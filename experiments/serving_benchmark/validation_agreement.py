@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import openvino
 
 from src import runtimes
 from src.data import load_splits, make_batches
@@ -28,20 +27,12 @@ folder = Path(sys.argv[1])
 with tempfile.TemporaryDirectory() as tmp:
     sm = saved_model_of(uri, Path(tmp))
     sizes = runtimes.input_sizes(sm)
-    class OV:
-        def __init__(self, precision):
-            self.compiled = openvino.Core().compile_model(str(folder / "openvino.xml"), "CPU",
-                                                          {"INFERENCE_PRECISION_HINT": precision})
-            print(precision, self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        def __call__(self, images):
-            return self.compiled(images)[0]
-    runners = {"openvino_bf16": OV("bf16"), "openvino_f32": OV("f32"),
-               "int8_dynamic": runtimes.Classifier(folder / "int8_dynamic.tflite"),
-               "float16": runtimes.Classifier(folder / "float16.tflite"),
-               "int8": runtimes.Classifier(folder / "int8.tflite")}
-    files = {"openvino_bf16": [folder / "openvino.xml"], "openvino_f32": [folder / "openvino.xml"],
-             "int8_dynamic": [folder / "int8_dynamic.tflite"], "float16": [folder / "float16.tflite"],
-             "int8": [folder / "int8.tflite"]}
+    files = {"openvino_bf16": "openvino.xml", "openvino_f32": "openvino.xml", "int8_dynamic": "int8_dynamic.tflite",
+             "float16": "float16.tflite", "int8": "int8.tflite"}
+    runners = {name: runtimes.OpenVINOClassifier(folder / file, name.removeprefix("openvino_"))
+               if name.startswith("openvino") else runtimes.Classifier(folder / file) for name, file in files.items()}
+    print({name: runner.precision for name, runner in runners.items() if name.startswith("openvino")})
+    files = {name: [folder / file] for name, file in files.items()}
     batches = make_batches(splits.validation, sizes, 32)
     first = {k: v.numpy()[0] for k, v in next(iter(batches))[0].items()}
     table = runtimes.compare(sm, files, runners, batches, first, latency_runs=20, images=1020, views=views)
