@@ -4,10 +4,14 @@
     python experiments/serving_benchmark/int8_variants.py /tmp/int8/probe2
 
 Output of 2026-12-06: int8_study.md."""
-import sys, tempfile, time
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 import mlflow
 import tensorflow as tf
+
 from src import runtimes
 from src.data import load_splits, make_batches
 from src.export import CLASSIFY_RESIZED, saved_model_of
@@ -19,16 +23,19 @@ uri, run_id, _ = runtimes.resolve_model(client, None, "flowers")
 cfg = run_config(run_id)
 splits = load_splits(cfg.data)
 views = parse_views(cfg.model.tta, "model.tta")
-out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
 with tempfile.TemporaryDirectory() as tmp:
     sm = saved_model_of(uri, Path(tmp))
     sizes = runtimes.input_sizes(sm)
+
     def calib(n):
         c = next(iter(make_batches(splits.train, sizes, n, shuffle_seed=cfg.seed)))[0]
         return {name: images.numpy() for name, images in c.items()}
+
     files, runners = {}, {}
-    for name, n, ops in [("int16x8", 200, [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]),
-                         ("int8_calib1000", 1000, [tf.lite.OpsSet.TFLITE_BUILTINS_INT8])]:
+    int16x8 = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    for name, n, ops in [("int16x8", 200, int16x8), ("int8_calib1000", 1000, [tf.lite.OpsSet.TFLITE_BUILTINS_INT8])]:
         t = time.time()
         rep = calib(n)
         c = tf.lite.TFLiteConverter.from_saved_model(str(sm), signature_keys=[CLASSIFY_RESIZED])
