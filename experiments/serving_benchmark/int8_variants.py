@@ -40,7 +40,8 @@ with tempfile.TemporaryDirectory() as tmp:
         rep = calib(n)
         c = tf.lite.TFLiteConverter.from_saved_model(str(sm), signature_keys=[CLASSIFY_RESIZED])
         c.optimizations = [tf.lite.Optimize.DEFAULT]
-        c.representative_dataset = lambda rep=rep, n=n: ({k: v[i][None] for k, v in rep.items()} for i in range(n))
+        c.representative_dataset = lambda rep=rep, n=n: ({k: v[i][None] for k, v in rep.items()}
+                                                         for i in range(n))
         c.target_spec.supported_ops = ops
         (out / f"{name}.tflite").write_bytes(c.convert())
         files[name] = [out / f"{name}.tflite"]
