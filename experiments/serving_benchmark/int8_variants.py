@@ -34,14 +34,14 @@ with tempfile.TemporaryDirectory() as tmp:
         return {name: images.numpy() for name, images in c.items()}
 
     files, runners = {}, {}
-    int16x8 = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    int16x8 = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+               tf.lite.OpsSet.TFLITE_BUILTINS]
     for name, n, ops in [("int16x8", 200, int16x8), ("int8_calib1000", 1000, [tf.lite.OpsSet.TFLITE_BUILTINS_INT8])]:
         t = time.time()
         rep = calib(n)
         c = tf.lite.TFLiteConverter.from_saved_model(str(sm), signature_keys=[CLASSIFY_RESIZED])
         c.optimizations = [tf.lite.Optimize.DEFAULT]
-        c.representative_dataset = lambda rep=rep, n=n: ({k: v[i][None] for k, v in rep.items()}
-                                                         for i in range(n))
+        c.representative_dataset = lambda rep=rep, n=n: ({k: v[i][None] for k, v in rep.items()} for i in range(n))
         c.target_spec.supported_ops = ops
         (out / f"{name}.tflite").write_bytes(c.convert())
         files[name] = [out / f"{name}.tflite"]
