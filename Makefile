@@ -22,20 +22,24 @@ install: $(VENV)/.installed  ## create .venv and install the core for a CPU mach
 TF_EXTRA ?= cpu
 TEST_EXTRAS := dev,export,postgres,profile
 LOCK_VENV := .venv-lock
+# On a CPU the distribution `tensorflow`, which tensorflow-hub -> tf-keras requires, is this alias of tensorflow-cpu
+# (see its pyproject.toml): one 1.27 GB TensorFlow instead of two. The gpu extra is the full tensorflow itself.
+TF_ALIAS_DIR := packaging/tensorflow-cpu-alias
+TF_ALIAS := $(if $(filter cpu,$(TF_EXTRA)),./$(TF_ALIAS_DIR))
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	@echo "==> [1/3] creating the virtual environment $(VENV)"
-	python3 -m venv $(VENV)
+$(VENV)/.installed: pyproject.toml constraints.txt $(TF_ALIAS_DIR)/pyproject.toml
+	@echo "==> [1/3] creating the virtual environment $(VENV) (afresh: a change of TensorFlow wheel needs a clean one)"
+	python3 -m venv --clear $(VENV)
 	@echo "==> [2/3] pip itself, at the version constraints.txt pins"
 	$(PYTHON) -m pip install --progress-bar on -c constraints.txt --upgrade pip
-	@echo "==> [3/3] the project and its core dependencies, extra $(TF_EXTRA) (about 3 GB, most of it TensorFlow)"
-	$(PYTHON) -m pip install --progress-bar on -c constraints.txt -e ".[$(TF_EXTRA)]"
+	@echo "==> [3/3] the project and its core dependencies, extra $(TF_EXTRA) (about 2.4 GB, half of it TensorFlow)"
+	$(PYTHON) -m pip install --progress-bar on -c constraints.txt $(TF_ALIAS) -e ".[$(TF_EXTRA)]"
 	touch $@
 	@echo "==> done: $(VENV) holds the core; make test adds the test tools, make install-all every extra"
 
 $(VENV)/.installed-all: $(VENV)/.installed
 	@echo "==> the extras $(TEST_EXTRAS) on top of the core: test tools, TFLite/OpenVINO, PostgreSQL, TensorBoard"
-	$(PYTHON) -m pip install --progress-bar on -c constraints.txt -e ".[$(TF_EXTRA),$(TEST_EXTRAS)]"
+	$(PYTHON) -m pip install --progress-bar on -c constraints.txt $(TF_ALIAS) -e ".[$(TF_EXTRA),$(TEST_EXTRAS)]"
 	touch $@
 
 install-all: $(VENV)/.installed-all  ## install every extra for this machine on top of the core (what make test needs)
@@ -44,8 +48,9 @@ lock:  ## regenerate constraints.txt: every extra but gpu, resolved afresh from 
 	rm -rf $(LOCK_VENV)
 	python3 -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install -e ".[cpu,$(TEST_EXTRAS)]"
-	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > constraints.txt.new
+	$(LOCK_VENV)/bin/python -m pip install ./$(TF_ALIAS_DIR) -e ".[cpu,$(TEST_EXTRAS)]"
+	{ sed -n '/^#/p' constraints.txt; \
+		$(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable --exclude tensorflow; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 

@@ -1,0 +1,36 @@
+"""One TensorFlow on a CPU: packaging/tensorflow-cpu-alias is the distribution `tensorflow`, by tensorflow-cpu."""
+
+import importlib.metadata
+import re
+import tomllib
+
+import pytest
+
+from src.config import PROJECT_ROOT
+
+ALIAS = tomllib.loads((PROJECT_ROOT / "packaging/tensorflow-cpu-alias/pyproject.toml").read_text())["project"]
+EXTRAS = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+CONSTRAINTS = (PROJECT_ROOT / "constraints.txt").read_text()
+
+
+def test_the_alias_the_extras_and_the_constraints_name_one_tensorflow_version():
+    version = ALIAS["version"]
+    assert ALIAS["name"] == "tensorflow"
+    assert ALIAS["dependencies"] == [f"tensorflow-cpu=={version}"]
+    assert EXTRAS["cpu"] == [f"tensorflow-cpu=={version}"]
+    assert EXTRAS["gpu"] == [f"tensorflow[and-cuda]=={version}"]
+    assert re.search(rf"^tensorflow-cpu=={re.escape(version)}$", CONSTRAINTS, re.M)
+    # `make lock` leaves `tensorflow` out: on a CPU it is the alias, a local path; the gpu extra pins its own.
+    assert not re.search(r"^tensorflow==", CONSTRAINTS, re.M)
+
+
+def test_the_installed_tensorflow_is_tensorflow_cpu_alone():
+    try:
+        cpu = importlib.metadata.distribution("tensorflow-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("tensorflow-cpu is not installed: this environment was made with another TF_EXTRA (gpu)")
+    alias = importlib.metadata.distribution("tensorflow")
+    # The full wheel would own the package's files; the alias owns its metadata only.
+    assert [f for f in alias.files if not f.parts[0].endswith(".dist-info")] == []
+    assert alias.version == cpu.version
+    assert any(str(f) == "tensorflow/__init__.py" for f in cpu.files)
