@@ -83,7 +83,7 @@ robustness: install  ## a model under the shifts of photos from elsewhere; e.g. 
 	$(PYTHON) scripts/robustness.py $(if $(MODEL),--model-uri $(MODEL)) $(if $(FOLDER),--folder $(FOLDER)) $(ARGS)
 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
-	@echo "the training runs: pick an experiment, then 'Model training' in the sidebar (or add ?workflowType=machine_learning to its link)"
+	@$(PYTHON) scripts/ui_links.py "$(TRACKING_URI)" http://127.0.0.1:$(UI_PORT)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
 
 tracking-server: install  ## a team MLflow server, HOST:MLFLOW_PORT (127.0.0.1:5001): runs in PostgreSQL, artifacts in ARTIFACTS_DIR

@@ -12,9 +12,10 @@ fails if the page lands elsewhere), and saves a PNG of at most 300 kB. The store
 
 MLflow 3.17's UI opens an experiment on the view of its sidebar switch "GenAI / Model training", which a new
 browser sets to GenAI (an overview of traces); it does not read the experiment's `mlflow.experimentKind` tag for
-this (mlflow/mlflow#24498). So the page is opened as a newcomer should open it, with `?workflowType=
-machine_learning` (the same as setting the switch to Model training, which the browser then remembers).
-`--workflow-type none` opens the plain link, and fails on MLflow 3.17.2: it lands on the GenAI overview.
+this (mlflow/mlflow#24498). So the page is opened as a newcomer should open it: by the link that `make ui`
+prints for the experiment, with `?workflowType=machine_learning` (the same as setting the switch to Model training,
+which the browser then remembers). `--workflow-type none` opens the plain link, and fails on MLflow 3.17.2: it
+lands on the GenAI overview.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the browser to drive (default: the system's chromium)")
     parser.add_argument("--size", default="1400x700", help="the browser window, WIDTHxHEIGHT")
     parser.add_argument("--workflow-type", choices=["machine_learning", "none"], default="machine_learning",
-                        help="the UI's workflow the link asks for (none: the plain link)")
+                        help="machine_learning: make ui's link to the training runs; none: the plain link")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="flowers-demo-store-") as tmp, open(Path(tmp) / "ui.log", "w+") as log:
@@ -128,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not wait_until_up(f"http://127.0.0.1:{port}/health", process):
                 raise RuntimeError(f"make ui did not come up on port {port}")
-            query = "" if args.workflow_type == "none" else f"?workflowType={args.workflow_type}"
-            png = screenshot(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}{query}",
-                             [name for name, _, _ in RUNS], args.chromium, width, height)
+            url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
+            if args.workflow_type == "machine_learning":
+                log.seek(0)
+                url = re.search(rf"^the training runs of {EXPERIMENT}: (\S+)$", log.read(), re.M).group(1)
+            png = screenshot(url, [name for name, _, _ in RUNS], args.chromium, width, height)
         except Exception:
             log.seek(0)
             print(f"make ui's output, the end:\n{log.read()[-3000:]}", file=sys.stderr)

@@ -96,6 +96,14 @@ def setup(cfg: DictConfig) -> str:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def training_runs_links(ui_url: str) -> list[str]:
+    """For the MLflow UI at `ui_url`: a link per experiment of the project's kind in the current store that opens it
+    on its training runs (`workflowType` sets the sidebar switch the UI does not take from the tag)."""
+    kind = "tags.`mlflow.experimentKind`"
+    experiments = mlflow.search_experiments(filter_string=f"{kind} = '{EXPERIMENT_KIND['mlflow.experimentKind']}'")
+    return [f"{e.name}: {ui_url}/#/experiments/{e.experiment_id}?workflowType=machine_learning" for e in experiments]
+
+
 def _experiment_id(cfg: DictConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is None:

@@ -21,7 +21,7 @@ def test_setup_creates_the_experiment_with_a_local_artifact_location(tracking_ur
     experiment_id = track.setup(cfg)
     experiment = mlflow.get_experiment(experiment_id)
     assert experiment.name == "exp-a" and experiment.artifact_location.endswith(f"{tmp_path}/art")
-    # the MLflow UI opens it on its training runs, not on MLflow 3's GenAI overview
+    # its kind for MLflow's UI and API: model training, not GenAI
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     client = mlflow.MlflowClient()
     older = client.create_experiment("made-before")  # an experiment from before the tag: tagged on first use
@@ -50,6 +50,20 @@ def fresh_store(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/mlflow.db"
     return request.getfixturevalue("postgres_url")
+
+
+def test_make_ui_prints_a_link_to_the_training_runs_of_each_project_experiment(tracking_uri, tmp_path):
+    def links() -> list[str]:
+        return subprocess.run([sys.executable, "scripts/ui_links.py", tracking_uri, "http://127.0.0.1:5000"],
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    assert links() == [f"no training runs in {tracking_uri} yet: after python train.py, make ui prints the link to "
+                       "them"]
+    experiment_id = track.setup(compose_config("tracking.experiment_name=flowers102",
+                                               f"tracking.artifact_location={tmp_path}/art").tracking)
+    mlflow.create_experiment("not-the-projects")  # no kind tag: no link
+    assert links() == ["the training runs of flowers102: "
+                       f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"]
 
 
 def test_processes_that_open_a_fresh_store_together_all_succeed_and_leave_it_usable(fresh_store, tmp_path):

@@ -1,10 +1,13 @@
 """`make ui`: the MLflow UI on loopback against the project's store, with the runs, their plots and the registry."""
 
 import os
+import shutil
 
 import mlflow
+import pytest
 import requests
 
+from scripts import screenshot_ui
 from src.serve import free_port
 from tests.helpers import running
 
@@ -25,3 +28,13 @@ def test_make_ui_serves_the_store_runs_artifacts_and_champion(tracking_uri, tmp_
         artifact = requests.get(f"{url}/get-artifact", params={"path": "plots/curves.png",
                                                               "run_uuid": run.info.run_id}, timeout=30)
         assert artifact.status_code == 200 and artifact.content == b"\x89PNG fake"
+
+
+def test_the_link_make_ui_prints_opens_the_experiment_on_its_training_runs_in_chromium(tmp_path):
+    pytest.importorskip("playwright.sync_api", reason="no playwright: make install-all installs it")
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium for Playwright to drive: make browser, or apt-get install -y chromium")
+    # It waits until the demo runs' names are on the page, and raises where the link lands elsewhere (the plain link
+    # lands on the GenAI overview: --workflow-type none).
+    assert screenshot_ui.main(["--out", str(tmp_path / "ui.png")]) == 0
+    assert (tmp_path / "ui.png").stat().st_size > 10_000
