@@ -106,9 +106,10 @@ def require_champion(client: mlflow.MlflowClient, name: str) -> ModelVersion:
     return version
 
 
-def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
+def register_run(client: mlflow.MlflowClient, run: Run, name: str, limits: dict[str, float] | None = None) -> Outcome:
     """Register `run`'s model under `name` (once per run) and move `champion` to it if it beats the
-    current champion on the same validation data; otherwise leave the alias where it is."""
+    current champion on the same validation data, or if the champion is over one of `limits` (its cost tags);
+    otherwise leave the alias where it is."""
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id], output_format="list",
         filter_string=f"source_run_id = '{run.info.run_id}' and name = 'model'")
@@ -120,7 +121,8 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
         version = client.get_model_version(name, str(registered.version))
         current = champion(client, name)
         label = f"{name} version {version.version}"
-        if current is not None:
+        over = _over_limits(current, limits or {}) if current is not None else []
+        if current is not None and not over:
             if str(current.version) == str(version.version):
                 return Outcome(version, current, f"{label} (run {run.info.run_id}) is already the {CHAMPION}")
             held = f"the {CHAMPION}, version {current.version}"
@@ -136,6 +138,7 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str) -> Outcome:
                                                  f"({_score(current)}); the alias stays")
         client.set_registered_model_alias(name, CHAMPION, version.version)
     was = f"; it was version {current.version} ({_score(current)})" if current else ""
+    was += f", over the limit: {', '.join(over)}" if over else ""
     return Outcome(version, champion(client, name), f"{label} ({_score(version)}) is now the {CHAMPION}{was}")
 
 
@@ -144,7 +147,18 @@ def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str, 
     run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id, limits)
     if selection.SCORE not in run.data.metrics or run.info.status != "FINISHED":
         raise UserError(f"run {run.info.run_id} is {run.info.status} without {selection.SCORE}; pick a finished run")
-    return register_run(client, run, name)
+    return register_run(client, run, name, limits)
+
+
+def _over_limits(version: ModelVersion, limits: dict[str, float]) -> list[str]:
+    """The limits a registered version is not within, from its cost tags; a version without the tag is over."""
+    over = []
+    for metric, limit in limits.items():
+        value = version.tags.get(VERSION_METRICS[metric])
+        shown = "not measured" if value is None else f"{float(value):.1f} {LIMITED_COSTS[metric][0]}"
+        if value is None or float(value) > limit:
+            over.append(f"{metric} {shown} > {limit:g}")
+    return over
 
 
 def _get_run(client: mlflow.MlflowClient, run_id: str) -> Run:
