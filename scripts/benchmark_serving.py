@@ -1,15 +1,14 @@
 """Benchmark the champion behind `make serve-best` against the same model in-process, and print the figures.
 
     TFDS_DATA_DIR=../shared/tensorflow_datasets .venv/bin/python scripts/benchmark_serving.py [--requests 200]
-    ... scripts/benchmark_serving.py --runtimes savedmodel,openvino,tflite [--workers 2] [--micro-batch-ms off,2]
+    ... scripts/benchmark_serving.py --runtimes savedmodel,openvino,tflite [--workers 2]
     TFDS_DATA_DIR=../shared/tensorflow_datasets .venv/bin/python scripts/benchmark_serving.py --load [--json]
 
 For each of --runtimes (serve.runtime) it starts scripts/serve_best.py on a free loopback port, then, side by
 side in this one run:
 1. latency of one JPEG (a real test image): p50 and p99 over --requests calls, through HTTP and in-process;
 2. throughput in images/s at concurrency 1 and 8 (threads, one image per request), and in-process one image at
-   a time and eight per call (what micro-batching concurrent requests could gain at best); each runtime with
-   each of --micro-batch-ms (serve.micro_batch_ms; off: one model call per request);
+   a time and eight per call (what micro-batching concurrent requests could gain at best);
 3. request and response sizes against the article's: a 299x299x3 float array as JSON, and 102 scores back.
 Machines differ and this one is shared, so read the ratios; the absolute times are for this run only.
 
@@ -240,19 +239,13 @@ def in_process_model(model_uri: str, runtime: str, folder: Path | None):
     return model
 
 
-def server_overrides(runtime: str, workers: int, micro_batch_ms: str) -> list[str]:
-    """scripts/serve_best.py's overrides for a runtime, its workers and micro-batching (off, or milliseconds)."""
-    return [f"serve.runtime={runtime}", f"serve.workers={workers}",
-            f"serve.micro_batch_ms={'null' if micro_batch_ms == 'off' else micro_batch_ms}"]
-
-
 def measure(model_uri: str, explicit: bool, runtime: str, folder: Path | None, image: bytes, n: int,
-            workers: int, micro_batch_ms: str) -> dict:
+            workers: int) -> dict:
     """One runtime's figures: HTTP and in-process latency and throughput, side by side. `explicit`: the server
     is told `model_uri` (else it serves the champion, which `model_uri` names)."""
     model = in_process_model(model_uri, runtime, folder)
     one, eight = pd.DataFrame({"image": [image]}), pd.DataFrame({"image": [image] * 8})
-    server, url = start_server(model_uri if explicit else None, *server_overrides(runtime, workers, micro_batch_ms))
+    server, url = start_server(model_uri if explicit else None, f"serve.runtime={runtime}", f"serve.workers={workers}")
     payload = body(image)
 
     def over_http():
@@ -266,8 +259,7 @@ def measure(model_uri: str, explicit: bool, runtime: str, folder: Path | None, i
             over_http(), model.predict(one), model.predict(eight)
         http_p50, http_p99 = percentiles(time_calls(over_http, n))
         local_p50, local_p99 = percentiles(time_calls(lambda: model.predict(one), n))
-        label = runtime if micro_batch_ms == "off" else f"{runtime}, micro-batch {micro_batch_ms} ms"
-        figures = {"runtime": label, "HTTP p50 ms": http_p50, "HTTP p99 ms": http_p99,
+        figures = {"runtime": runtime, "HTTP p50 ms": http_p50, "HTTP p99 ms": http_p99,
                    "HTTP img/s c=1": throughput(over_http, n, 1), "HTTP img/s c=8": throughput(over_http, n, 8),
                    "in-process p50 ms": local_p50, "in-process p99 ms": local_p99,
                    "in-process img/s": throughput(lambda: model.predict(one), n, 1),
@@ -286,9 +278,6 @@ def main() -> int:
     parser.add_argument("--runtimes", default="savedmodel",
                         help="comma-separated serve.runtime values to measure in turn, e.g. savedmodel,openvino,tflite")
     parser.add_argument("--workers", type=int, default=1, help="serve.workers of each server")
-    parser.add_argument("--micro-batch-ms", default="off",
-                        help="comma-separated serve.micro_batch_ms values to serve each runtime with, e.g. off,2 "
-                             "(off: one model call per request); --load: the first")
     parser.add_argument("--load", action="store_true", help="the load and memory test instead (of the first runtime)")
     parser.add_argument("--concurrency", type=int, default=8, help="--load: client threads")
     parser.add_argument("--bad-fraction", type=float, default=0.1, help="--load: the share of bad requests")
@@ -312,10 +301,7 @@ def main() -> int:
         mlflow.MlflowClient(), name, args.model_uri, cfg.registry.model_name, Path(cfg.paths.runtimes_dir))[1]
         for name in names}  # made now when missing, not while a server starts
     image = test_image()
-    micro_batches = args.micro_batch_ms.split(",")
-    if any(v != "off" and not v.replace(".", "", 1).isdigit() for v in micro_batches):
-        sys.exit(f"error: --micro-batch-ms {args.micro_batch_ms} is invalid; use off or milliseconds, e.g. off,2")
-    overrides = server_overrides(names[0], args.workers, micro_batches[0])
+    overrides = [f"serve.runtime={names[0]}", f"serve.workers={args.workers}"]
     if args.load:
         n_requests = args.requests or 2000
         server, url = start_server(args.model_uri, *overrides)
@@ -325,12 +311,10 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
-        print_load(report, f"{model_uri} ({names[0]}, {args.workers} worker(s), micro-batch {micro_batches[0]})",
-                   args.json)
+        print_load(report, f"{model_uri} ({names[0]}, {args.workers} worker(s))", args.json)
         return 0 if passed(report) else 1
     n = args.requests or 200
-    rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, args.workers, micro_batch)
-            for name in names for micro_batch in micro_batches]
+    rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, args.workers) for name in names]
     response = rows[0]["_response"]
     tops = {row["runtime"]: row.pop("top-1") for row in rows}
     table = pd.DataFrame([{k: v for k, v in row.items() if k != "_response"} for row in rows]).set_index("runtime")

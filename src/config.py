@@ -68,9 +68,6 @@ def validate_serve(cfg: DictConfig) -> None:
     check(cfg, "serve.max_body_mb", lambda v: v > 0, "a positive number, e.g. serve.max_body_mb=16")
     check(cfg, "serve.runtime", lambda v: v in RUNTIMES, ", ".join(RUNTIMES), str)
     check(cfg, "serve.workers", lambda v: v >= 1, "a positive integer, e.g. serve.workers=2", int)
-    if cfg.serve.micro_batch_ms is not None:
-        check(cfg, "serve.micro_batch_ms", lambda v: 0 <= v <= 1000, "null or milliseconds from 0 to 1000, e.g. "
-              "serve.micro_batch_ms=2")
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:

@@ -9,25 +9,20 @@ src/page.html, a page that sends photos to /invocations and shows their top k.
 
 `serve.runtime=openvino|tflite` runs the OpenVINO or int8 TFLite model in the pyfunc model's place of its
 SavedModel (src/runtimes.py): the same checks, errors and JSON. `serve.workers=N` starts N server processes on
-one port, each with its own model. `serve.micro_batch_ms=N` runs the model's calls of concurrent requests as one
-(MicroBatcher).
+one port, each with its own model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
 import subprocess
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import mlflow
 import requests
-import tensorflow as tf
 import uvicorn
 from mlflow.pyfunc import scoring_server
 from omegaconf import DictConfig, OmegaConf
@@ -98,54 +93,6 @@ class RequestLimits:
         await send({"type": "http.response.body", "body": content})
 
 
-class MicroBatcher:
-    """The model's serving function (image_bytes -> per-image tensors by name) behind a queue, run on a thread of
-    its own: the calls waiting when it is free, and those that arrive within `window_ms` of the first, up to
-    `max_images` images, run as one batch; each caller gets its own rows back. One call that fails in a batch
-    (an image TensorFlow cannot decode) fails only its own request: the batch is then run again call by call."""
-
-    def __init__(self, serve, window_ms: float, max_images: int):
-        self.serve, self.window, self.max_images = serve, window_ms / 1000, max_images
-        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="micro-batcher", daemon=True).start()
-
-    def __call__(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        done = Future()
-        self.waiting.put((image_bytes, done))
-        return done.result()
-
-    def _next_batch(self) -> list[tuple[tf.Tensor, Future]]:
-        batch = [self.waiting.get()]
-        deadline, images = time.monotonic() + self.window, len(batch[0][0])
-        while images < self.max_images:
-            try:
-                batch.append(self.waiting.get(timeout=max(deadline - time.monotonic(), 0)))
-            except queue.Empty:
-                break
-            images += len(batch[-1][0])
-        return batch
-
-    def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
-            try:
-                out = self.serve(image_bytes=tf.concat([image_bytes for image_bytes, _ in batch], 0))
-            except Exception as error:
-                if len(batch) == 1:
-                    batch[0][1].set_exception(error)
-                    continue
-                for image_bytes, done in batch:
-                    try:
-                        done.set_result(self.serve(image_bytes=image_bytes))
-                    except Exception as each:
-                        done.set_exception(each)
-                continue
-            start = 0
-            for image_bytes, done in batch:
-                done.set_result({name: rows[start:start + len(image_bytes)] for name, rows in out.items()})
-                start += len(image_bytes)
-
-
 def build_app(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None) -> RequestLimits:
     """The app for `model_uri`; with `runtime_folder`, its `cfg.runtime` model from there in the SavedModel's
     place."""
@@ -154,8 +101,6 @@ def build_app(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = Non
     predictor.limits.update({key: cfg[key] for key in ("max_images", "max_pixels", "max_request_pixels")})
     if runtime_folder is not None:
         runtimes.serve_with(predictor, cfg.runtime, runtime_folder, model.metadata.run_id)
-    if cfg.micro_batch_ms is not None:
-        predictor._serve = MicroBatcher(predictor._serve, cfg.micro_batch_ms, cfg.max_images)
     return RequestLimits(scoring_server.init(model), int(cfg.max_body_mb * 2**20))
 
 

@@ -6,8 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -205,65 +203,3 @@ def test_predict_script_batches_by_count_and_by_bytes(tmp_path):
         files[-1].write_bytes(b"x" * size)
     assert [[f.name for f in b] for b in batches(files, 2, 100)] == [["0.jpg", "1.jpg"], ["2.jpg", "3.jpg"], ["4.jpg"]]
     assert [len(b) for b in batches(files, 10, 30)] == [3, 1, 1]  # the 50-byte file goes alone
-
-
-def test_the_micro_batcher_runs_waiting_calls_as_one_and_gives_each_caller_its_rows():
-    import threading
-
-    import tensorflow as tf
-
-    from src.serve import MicroBatcher
-
-    batches, release = [], threading.Event()
-
-    def serve(image_bytes):  # b"bad" stands for an image TensorFlow cannot decode
-        batches.append([b.decode() for b in image_bytes.numpy()])
-        release.wait(timeout=60)  # the first call holds the model until every other call waits
-        if b"bad" in image_bytes.numpy():
-            raise tf.errors.InvalidArgumentError(None, None, "cannot decode")
-        return {"image": image_bytes, "length": tf.strings.length(image_bytes)}
-
-    def call(names):
-        try:
-            out = batcher(image_bytes=tf.constant(names))
-        except tf.errors.InvalidArgumentError:
-            return "error"
-        return [b.decode() for b in out["image"].numpy()], list(out["length"].numpy())
-
-    batcher = MicroBatcher(serve, window_ms=0, max_images=6)
-    calls = [[f"{i}-a"] if i % 2 else [f"{i}-a", f"{i}-bb"] for i in range(8)] + [["bad"]]
-    with ThreadPoolExecutor(len(calls)) as pool:
-        first = pool.submit(call, calls[0])
-        while not batches:
-            time.sleep(0.01)
-        rest = [pool.submit(call, names) for names in calls[1:]]
-        while batcher.waiting.qsize() < len(rest):
-            time.sleep(0.01)
-        release.set()
-        answers = [first.result()] + [each.result() for each in rest]
-    assert answers[:-1] == [(names, [len(n) for n in names]) for names in calls[:-1]]
-    assert answers[-1] == "error"
-    # the 8 waiting calls (11 images) ran as two batches, each stopping once it held max_images; the batch with the
-    # bad call failed, and was run again call by call, so that only the bad call failed
-    sizes = [len(b) for b in batches]
-    assert sizes[0] == 2 and sizes[1] in (6, 7) and sizes[2] == 11 - sizes[1], batches
-    failed = next(b for b in batches[1:3] if "bad" in b)
-    assert sorted(batches[3:]) == sorted(names for names in calls if names[0] in failed)
-
-
-def test_a_micro_batching_server_answers_concurrent_requests_as_in_process(champion_store):
-    images = [JPEG, encode(PHOTO, "PNG"), encode(PHOTO.convert("L"), "JPEG"), encode(PHOTO.rotate(90), "JPEG")] * 2
-    expected = FlowerClassifier.from_saved_model(str(champion_store[1])).predict(
-        None, __import__("pandas").DataFrame({"image": images}))
-    port = free_port()
-    with running([sys.executable, "scripts/serve_best.py", f"serve.port={port}", "serve.micro_batch_ms=10"], port,
-                 {**os.environ, "MLFLOW_TRACKING_URI": champion_store[0]}) as url:
-        with ThreadPoolExecutor(len(images)) as pool:
-            got = list(pool.map(lambda image: invoke(url, split(b64(image))), images))
-            bad = invoke(url, split(b64(b"not an image")))
-    assert bad.status_code == 400 and "is not an image" in bad.json()["message"]
-    for answer, want in zip(got, expected.itertuples()):
-        [prediction] = answer.json()["predictions"]
-        assert [t["class_name"] for t in prediction["top_k"]] == [t["class_name"] for t in want.top_k]
-        np.testing.assert_allclose([t["score"] for t in prediction["top_k"]], [t["score"] for t in want.top_k],
-                                   rtol=1e-5)

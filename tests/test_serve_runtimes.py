@@ -121,7 +121,6 @@ def test_the_runtime_serves_the_mean_over_the_models_test_time_views(store):
 @pytest.mark.parametrize("override, message", [
     ("serve.runtime=onnx", "serve.runtime='onnx' is invalid: expected savedmodel, openvino, tflite, tflite_int8_dynamic, tflite_float16"),
     ("serve.workers=0", "serve.workers=0 is invalid: expected a positive integer"),
-    ("serve.micro_batch_ms=-1", "serve.micro_batch_ms=-1 is invalid: expected null or milliseconds from 0 to 1000"),
 ])
 def test_an_unknown_runtime_or_no_workers_is_a_one_line_error(store, override, message):
     import subprocess
