@@ -26,14 +26,20 @@ LOCK_VENV := .venv-lock
 # (see its pyproject.toml): one 1.27 GB TensorFlow instead of two. The gpu extra is the full tensorflow itself.
 TF_ALIAS_DIR := packaging/tensorflow-cpu-alias
 TF_ALIAS := $(if $(filter cpu,$(TF_EXTRA)),./$(TF_ALIAS_DIR))
+# Which TensorFlow the venv holds, recorded in it: pip cannot swap the full wheel and the alias in place (replacing
+# one by the other deletes files they share), so a venv made for another one is made afresh.
+TF_LAYOUT := $(TF_EXTRA) tensorflow $(shell sed -n 's/^version = "\([^"]*\)".*/\1/p' $(TF_ALIAS_DIR)/pyproject.toml)
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(TF_ALIAS_DIR)/pyproject.toml
-	@echo "==> [1/3] creating the virtual environment $(VENV) (afresh: a change of TensorFlow wheel needs a clean one)"
-	python3 -m venv --clear $(VENV)
+	@echo "==> [1/3] the virtual environment $(VENV), for $(TF_LAYOUT)"
+	@if [ -d $(VENV) ] && [ "$$(cat $(VENV)/.tf-layout 2>/dev/null)" != "$(TF_LAYOUT)" ]; then \
+		echo "==> $(VENV) was made for another TensorFlow: removing it"; rm -rf $(VENV); fi
+	python3 -m venv $(VENV)
 	@echo "==> [2/3] pip itself, at the version constraints.txt pins"
 	$(PYTHON) -m pip install --progress-bar on -c constraints.txt --upgrade pip
 	@echo "==> [3/3] the project and its core dependencies, extra $(TF_EXTRA) (about 2.4 GB, half of it TensorFlow)"
 	$(PYTHON) -m pip install --progress-bar on -c constraints.txt $(TF_ALIAS) -e ".[$(TF_EXTRA)]"
+	echo "$(TF_LAYOUT)" > $(VENV)/.tf-layout
 	touch $@
 	@echo "==> done: $(VENV) holds the core; make test adds the test tools, make install-all every extra"
 
@@ -83,7 +89,7 @@ robustness: install  ## a model under the shifts of photos from elsewhere; e.g. 
 	$(PYTHON) scripts/robustness.py $(if $(MODEL),--model-uri $(MODEL)) $(if $(FOLDER),--folder $(FOLDER)) $(ARGS)
 
 ui: install  ## the MLflow UI for the runs, sweeps and registry on http://127.0.0.1:$(UI_PORT)
-	@$(PYTHON) scripts/ui_links.py "$(TRACKING_URI)" http://127.0.0.1:$(UI_PORT)
+	-@$(PYTHON) scripts/ui_links.py "$(TRACKING_URI)" http://127.0.0.1:$(UI_PORT)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
 
 tracking-server: install  ## a team MLflow server, HOST:MLFLOW_PORT (127.0.0.1:5001): runs in PostgreSQL, artifacts in ARTIFACTS_DIR

@@ -7,8 +7,8 @@
 
 Best = first in the selection order of src/selection.py (CV or val accuracy, then the matching loss, then the
 earlier run); with limits, among the runs within them (the costs each run logged at export). The store is
-MLFLOW_TRACKING_URI or the project's mlflow.db. The `champion` alias moves only when the new version beats it
-on what both were selected on.
+MLFLOW_TRACKING_URI or the project's mlflow.db. The `champion` alias moves when the new version beats it on what
+both were selected on, or, with limits, when the champion is over one of them.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limits = {metric: limit for metric, limit in ((selection.LATENCY, args.max_latency_ms),
                                                   (selection.SIZE, args.max_size_mb)) if limit is not None}
-    if limits and args.run_id:
-        parser.error("--run-id registers that run whatever it costs; drop --max-latency-ms and --max-size-mb")
     logging.basicConfig(level=logging.WARNING)
     outcome = register.register_best(mlflow.MlflowClient(), args.experiment, args.name,
                                      sweep_run_id=args.sweep, run_id=args.run_id, limits=limits)

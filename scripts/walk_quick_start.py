@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -95,15 +96,24 @@ def stop_background(work: Path) -> None:
     pids = work / "background.pids"
     for pid in pids.read_text().split() if pids.exists() else []:
         try:
-            os.killpg(os.getpgid(int(pid)), signal.SIGTERM)
+            os.killpg(int(pid), signal.SIGTERM)  # after setsid, its pid is its process group's
         except ProcessLookupError:
             pass
+
+
+def check_ports_free() -> None:
+    """The servers' ports must be free: a server already there would answer in their place."""
+    for target, port in PORTS.items():
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"error: port {port}, which {target} uses, is taken; stop what listens there first")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the throw-away folder (its path is printed)")
     args = parser.parse_args()
+    check_ports_free()
     work = Path(tempfile.mkdtemp(prefix="quick-start-"))
     print(f"working in {work}", flush=True)
     save_a_rose(work / "rose.jpg")

@@ -55,6 +55,10 @@ def check(cfg: DictConfig, key: str, ok, expected: str, kind: type = numbers.Rea
         raise UserError(f"{key}={value!r} is invalid: expected {expected}")
 
 
+# What the project's MLflow experiments hold (src/track.py tags them), for MLflow's UI and API. MLflow 3.17's UI does
+# not yet read it for the landing view (mlflow/mlflow#24498), so make ui prints links to the runs (scripts/ui_links.py).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
 # serve.runtime (src/runtimes.py's SERVED)
 RUNTIMES = ("savedmodel", "openvino", "tflite", "tflite_int8_dynamic", "tflite_float16")
 

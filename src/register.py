@@ -121,10 +121,10 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str, limits: dict[
         version = client.get_model_version(name, str(registered.version))
         current = champion(client, name)
         label = f"{name} version {version.version}"
+        if current is not None and str(current.version) == str(version.version):
+            return Outcome(version, current, f"{label} (run {run.info.run_id}) is already the {CHAMPION}")
         over = _over_limits(current, limits or {}) if current is not None else []
         if current is not None and not over:
-            if str(current.version) == str(version.version):
-                return Outcome(version, current, f"{label} (run {run.info.run_id}) is already the {CHAMPION}")
             held = f"the {CHAMPION}, version {current.version}"
             if SCORE_TAG not in current.tags:
                 return Outcome(version, current, f"{label} ({_score(version)}): {held} has no {SCORE_TAG} "
@@ -144,6 +144,8 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str, limits: dict[
 
 def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str, sweep_run_id: str | None = None,
                   run_id: str | None = None, limits: dict[str, float] | None = None) -> Outcome:
+    if run_id and limits:
+        raise UserError("--run-id registers that run whatever it costs; drop --max-latency-ms and --max-size-mb")
     run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id, limits)
     if selection.SCORE not in run.data.metrics or run.info.status != "FINISHED":
         raise UserError(f"run {run.info.run_id} is {run.info.status} without {selection.SCORE}; pick a finished run")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from src.config import PROJECT_ROOT, UserError, flatten
+from src.config import EXPERIMENT_KIND, PROJECT_ROOT, UserError, flatten
 from src.data import Splits
 from src.spec import Job
 
@@ -89,19 +89,6 @@ def setup(cfg: DictConfig) -> str:
     with store_lock(cfg.uri):
         mlflow.MlflowClient().search_experiments(max_results=1)  # opens (and if new, creates) the store once
     return retry_on_race(lambda: _experiment_id(cfg))
-
-
-# What the experiment holds, for MLflow's UI and API. MLflow 3.17's UI does not yet read it for the landing view
-# (mlflow/mlflow#24498): that follows the sidebar's GenAI / Model training switch; see README, "the MLflow UI".
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def training_runs_links(ui_url: str) -> list[str]:
-    """For the MLflow UI at `ui_url`: a link per experiment of the project's kind in the current store that opens it
-    on its training runs (`workflowType` sets the sidebar switch the UI does not take from the tag)."""
-    kind = "tags.`mlflow.experimentKind`"
-    experiments = mlflow.search_experiments(filter_string=f"{kind} = '{EXPERIMENT_KIND['mlflow.experimentKind']}'")
-    return [f"{e.name}: {ui_url}/#/experiments/{e.experiment_id}?workflowType=machine_learning" for e in experiments]
 
 
 def _experiment_id(cfg: DictConfig) -> str:

@@ -158,10 +158,13 @@ def test_a_limit_replaces_a_champion_over_it_even_by_a_run_no_better_on_validati
     assert outcome.champion.run_id == fast == client.get_model_version_by_alias("flowers", "champion").run_id
     assert outcome.message.endswith("it was version 1 (val/accuracy_best 0.9000), over the limit: "
                                     "cost/latency_ms_p50 45.0 ms > 30")
-    # a champion within the limit is kept unless beaten, as without limits
-    faster = log_run(0.80, cost={LATENCY: 8.0, SIZE: 5.0})
-    outcome = register.register_best(client, EXPERIMENT, "flowers", run_id=faster, limits={LATENCY: 30})
+    # a champion within the limit is kept unless beaten, as without limits: here by the best of a sweep
+    sweep = log_run(0.0, with_model=False)
+    log_run(0.80, parent=sweep, cost={LATENCY: 8.0, SIZE: 5.0})
+    outcome = register.register_best(client, EXPERIMENT, "flowers", sweep_run_id=sweep, limits={LATENCY: 30})
     assert outcome.champion.run_id == fast and "does not beat" in outcome.message
+    assert register.register_best(client, EXPERIMENT, "flowers", limits={LATENCY: 30}).message.endswith(
+        "is already the champion")
 
 
 def test_no_run_within_the_limits_says_what_the_cheapest_runs_cost_and_leaves_the_registry_as_it_was(log_run):
