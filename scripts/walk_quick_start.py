@@ -57,9 +57,9 @@ def save_a_rose(path: Path) -> None:
 def as_run_here(line: str, step: int, work: Path) -> str:
     """The README line as this script runs it: the clone from here, servers in the background until they answer."""
     line = line.replace("<repository URL>", shlex.quote(str(ROOT)))
-    command = line.split("#")[0].strip() if BACKGROUND in line else line
     if BACKGROUND not in line:
         return line
+    command = line.split("#")[0].strip()
     port = next(p for target, p in PORTS.items() if command.startswith(target))
     # setsid: a process group of its own, which stop_background ends with the server's children
     return (f"setsid {command} > {work}/step{step}.log 2>&1 & echo $! >> {work}/background.pids; "
@@ -74,7 +74,7 @@ def walk(work: Path) -> tuple[list[tuple[str, float]], str]:
     script = ["set -euo pipefail", f"cd {work}"]
     for step, line in enumerate(lines):
         if "rose.jpg" in line:
-            script.append(f"python3 -c 'import shutil; shutil.copy(\"{work}/rose.jpg\", \"rose.jpg\")'")
+            script.append(f"cp {work}/rose.jpg rose.jpg")
         script += [f"echo '@@start {step}' $(date +%s.%N) >&2", as_run_here(line, step, work),
                    f"echo '@@end {step}' $(date +%s.%N) >&2"]
     env = {k: v for k, v in os.environ.items()
