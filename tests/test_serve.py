@@ -203,3 +203,40 @@ def test_predict_script_batches_by_count_and_by_bytes(tmp_path):
         files[-1].write_bytes(b"x" * size)
     assert [[f.name for f in b] for b in batches(files, 2, 100)] == [["0.jpg", "1.jpg"], ["2.jpg", "3.jpg"], ["4.jpg"]]
     assert [len(b) for b in batches(files, 10, 30)] == [3, 1, 1]  # the 50-byte file goes alone
+
+
+def test_the_workers_socket_turns_nagle_off_on_every_connection():
+    """serve.workers > 1 shares listening_socket: asyncio sets TCP_NODELAY on its connections (on uvicorn's own,
+    it did not, and each keep-alive request waited ~40 ms for a delayed ACK); a taken port is a one-line error."""
+    import asyncio
+    import socket
+
+    from src.config import UserError
+    from src.serve import listening_socket
+
+    async def accepted_nodelay(sock: socket.socket) -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                accepted.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                                  socket.TCP_NODELAY))
+                transport.close()
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(accepted, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    port = free_port()
+    sock = listening_socket("127.0.0.1", port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); .*PORT="):
+            listening_socket("127.0.0.1", taken.getsockname()[1])
+    assert asyncio.run(accepted_nodelay(sock)) == 1
+    uvicorns = socket.socket(socket.AF_INET)  # how uvicorn's Config.bind_socket makes it: the case this avoids
+    uvicorns.bind(("127.0.0.1", 0))
+    assert asyncio.run(accepted_nodelay(uvicorns)) == 0
