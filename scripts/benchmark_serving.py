@@ -240,12 +240,12 @@ def in_process_model(model_uri: str, runtime: str, folder: Path | None):
 
 
 def measure(model_uri: str, explicit: bool, runtime: str, folder: Path | None, image: bytes, n: int,
-            workers: int) -> dict:
+            server_args: list[str]) -> dict:
     """One runtime's figures: HTTP and in-process latency and throughput, side by side. `explicit`: the server
     is told `model_uri` (else it serves the champion, which `model_uri` names)."""
     model = in_process_model(model_uri, runtime, folder)
     one, eight = pd.DataFrame({"image": [image]}), pd.DataFrame({"image": [image] * 8})
-    server, url = start_server(model_uri if explicit else None, f"serve.runtime={runtime}", f"serve.workers={workers}")
+    server, url = start_server(model_uri if explicit else None, f"serve.runtime={runtime}", *server_args)
     payload = body(image)
 
     def over_http():
@@ -278,6 +278,8 @@ def main() -> int:
     parser.add_argument("--runtimes", default="savedmodel",
                         help="comma-separated serve.runtime values to measure in turn, e.g. savedmodel,openvino,tflite")
     parser.add_argument("--workers", type=int, default=1, help="serve.workers of each server")
+    parser.add_argument("--threads", type=int, help="serve.threads of each server (default: the cores shared among "
+                                                    "its workers)")
     parser.add_argument("--load", action="store_true", help="the load and memory test instead (of the first runtime)")
     parser.add_argument("--concurrency", type=int, default=8, help="--load: client threads")
     parser.add_argument("--bad-fraction", type=float, default=0.1, help="--load: the share of bad requests")
@@ -301,28 +303,29 @@ def main() -> int:
         mlflow.MlflowClient(), name, args.model_uri, cfg.registry.model_name, Path(cfg.paths.runtimes_dir))[1]
         for name in names}  # made now when missing, not while a server starts
     image = test_image()
-    overrides = [f"serve.runtime={names[0]}", f"serve.workers={args.workers}"]
+    server_args = [f"serve.workers={args.workers}", *([f"serve.threads={args.threads}"] if args.threads else [])]
+    workers = f"{args.workers} worker(s), {args.threads or 'default'} threads each"
     if args.load:
         n_requests = args.requests or 2000
-        server, url = start_server(args.model_uri, *overrides)
+        server, url = start_server(args.model_uri, f"serve.runtime={names[0]}", *server_args)
         try:
             report = load(url, server.pid, image, cfg.serve, n_requests, args.concurrency, args.bad_fraction,
                           args.seed, (args.rss_first, n_requests))
         finally:
             server.terminate()
             server.wait(timeout=60)
-        print_load(report, f"{model_uri} ({names[0]}, {args.workers} worker(s))", args.json)
+        print_load(report, f"{model_uri} ({names[0]}, {workers})", args.json)
         return 0 if passed(report) else 1
     n = args.requests or 200
-    rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, args.workers) for name in names]
+    rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, server_args) for name in names]
     response = rows[0]["_response"]
     tops = {row["runtime"]: row.pop("top-1") for row in rows}
     table = pd.DataFrame([{k: v for k, v in row.items() if k != "_response"} for row in rows]).set_index("runtime")
     table["HTTP c=8 / in-process"] = table["HTTP img/s c=8"] / table["in-process img/s"]
     if "savedmodel" in names:
         table["HTTP c=8 / savedmodel's"] = table["HTTP img/s c=8"] / table.loc["savedmodel", "HTTP img/s c=8"]
-    print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {n} calls per figure; {args.workers} server "
-          f"worker(s); {os.cpu_count()} CPU cores")
+    print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {n} calls per figure; {workers}; "
+          f"{os.cpu_count()} CPU cores")
     print("top-1 of the image: " + "; ".join(f"{name} {top}" for name, top in tops.items()))
     print()
     print(table.T.to_markdown(floatfmt=".2f"))

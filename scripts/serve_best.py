@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = cli.config(*args.overrides)
     validate_serve(cfg)
+    if cfg.serve.workers == 1:  # else each worker sets its own, and this process may have runtime models to make
+        serve.use_threads(cfg.serve)
     model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
     folder = None
     if cfg.serve.runtime != "savedmodel":

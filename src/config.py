@@ -72,6 +72,8 @@ def validate_serve(cfg: DictConfig) -> None:
     check(cfg, "serve.max_body_mb", lambda v: v > 0, "a positive number, e.g. serve.max_body_mb=16")
     check(cfg, "serve.runtime", lambda v: v in RUNTIMES, ", ".join(RUNTIMES), str)
     check(cfg, "serve.workers", lambda v: v >= 1, "a positive integer, e.g. serve.workers=2", int)
+    if cfg.serve.get("threads") is not None:
+        check(cfg, "serve.threads", lambda v: v >= 1, "a positive integer or null, e.g. serve.threads=1", int)
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:

@@ -95,12 +95,14 @@ class OpenVINOClassifier:
     """uint8 images at the input size(s), input name -> batch -> probabilities, with OpenVINO's CPU plugin, in
     float32 unless `hint` says otherwise. Left to itself the plugin computes in bfloat16 on CPUs that have it, and
     then agreed with the SavedModel on fewer answers: 99.1 % of validation against 99.8 % in float32
-    (experiments/serving_benchmark). `precision`: the inference precision the plugin runs at."""
+    (experiments/serving_benchmark). `precision`: the inference precision the plugin runs at. `threads`: the
+    plugin's (default: its own choice, every core)."""
 
-    def __init__(self, xml: Path, hint: str = "f32"):
+    def __init__(self, xml: Path, hint: str = "f32", threads: int | None = None):
         import openvino
 
-        self.compiled = openvino.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        config = {"INFERENCE_PRECISION_HINT": hint, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        self.compiled = openvino.Core().compile_model(str(xml), "CPU", config)
         self.input_sizes = {port.get_any_name(): tuple(port.get_partial_shape()[i].get_length() for i in (1, 2))
                             for port in self.compiled.inputs}
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -155,11 +157,11 @@ class ServedRuntime:
         return {"labels": labels, "class_names": tf.gather(self.names, labels), "scores": scores}
 
 
-def serve_with(predictor, runtime: str, folder: Path, run_id: str) -> None:
+def serve_with(predictor, runtime: str, folder: Path, run_id: str, threads: int | None = None) -> None:
     """Make the pyfunc model `predictor` (src/pyfunc_model.py) run the `runtime` model of `folder` in the place of
-    its SavedModel, with the same class names, views and k."""
+    its SavedModel, with the same class names, views and k, on `threads` threads (default: every core)."""
     path = folder / SERVED[runtime]
-    classifier = OpenVINOClassifier(path) if runtime == "openvino" else Classifier(path)
+    classifier = OpenVINOClassifier(path, threads=threads) if runtime == "openvino" else Classifier(path, threads)
     k = predictor._serve.structured_outputs["scores"].shape[-1]
     predictor._serve = ServedRuntime(classifier, predictor.class_names, served_views(run_id), k)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 import requests
+import tensorflow as tf
 import uvicorn
 from mlflow.pyfunc import scoring_server
 from omegaconf import DictConfig, OmegaConf
@@ -102,7 +103,7 @@ def build_app(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = Non
     predictor = model.unwrap_python_model()
     predictor.limits.update({key: cfg[key] for key in ("max_images", "max_pixels", "max_request_pixels")})
     if runtime_folder is not None:
-        runtimes.serve_with(predictor, cfg.runtime, runtime_folder, model.metadata.run_id)
+        runtimes.serve_with(predictor, cfg.runtime, runtime_folder, model.metadata.run_id, threads(cfg))
     return RequestLimits(scoring_server.init(model), int(cfg.max_body_mb * 2**20))
 
 
@@ -112,8 +113,22 @@ WORKER_START_S = 300
 
 def app_from_environment() -> RequestLimits:
     args = json.loads(os.environ[APP_ARGS])
-    folder = args["runtime_folder"]
-    return build_app(args["model_uri"], OmegaConf.create(args["cfg"]), Path(folder) if folder else None)
+    folder, cfg = args["runtime_folder"], OmegaConf.create(args["cfg"])
+    use_threads(cfg)
+    return build_app(args["model_uri"], cfg, Path(folder) if folder else None)
+
+
+def threads(cfg: DictConfig) -> int:
+    """Each worker's compute threads: serve.threads, else the machine's cores shared among the workers (N workers
+    each on every core oversubscribe them)."""
+    return cfg.get("threads") or max(1, (os.cpu_count() or 1) // cfg.workers)
+
+
+def use_threads(cfg: DictConfig) -> None:
+    """TensorFlow's thread pools in this process (the SavedModel, and the decoding for the other runtimes) at
+    `threads(cfg)`; before TensorFlow runs its first op, which fixes them."""
+    tf.config.threading.set_intra_op_parallelism_threads(threads(cfg))
+    tf.config.threading.set_inter_op_parallelism_threads(threads(cfg))
 
 
 def serve(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None) -> None:
