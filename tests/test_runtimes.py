@@ -13,7 +13,7 @@ import pytest
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits, make_batches
 from src.pipeline import run_job
-from src.runtimes import Classifier, convert, input_sizes, interpreter
+from src.runtimes import Classifier, OpenVINOClassifier, convert, input_sizes, interpreter
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
 import export_tflite  # noqa: E402
@@ -54,6 +54,7 @@ def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run
     assert logged == {f"tflite/{p.name}" for p in folder.iterdir()}
     assert (folder / "labels.txt").read_text().split() == ["red", "green", "blue", "yellow"]
     assert (folder / "views.txt").read_text().split() == ["identity"]  # the run's model.tta
+    assert OpenVINOClassifier(folder / "openvino.xml", threads=1).compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
 def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):

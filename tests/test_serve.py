@@ -240,3 +240,12 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
     uvicorns = socket.socket(socket.AF_INET)  # how uvicorn's Config.bind_socket makes it: the case this avoids
     uvicorns.bind(("127.0.0.1", 0))
     assert asyncio.run(accepted_nodelay(uvicorns)) == 0
+
+
+def test_the_workers_share_the_cores_unless_serve_threads_says_otherwise(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from src.serve import threads
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [threads(OmegaConf.create({"workers": w, "threads": None})) for w in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert threads(OmegaConf.create({"workers": 2, "threads": 3})) == 3

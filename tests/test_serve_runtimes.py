@@ -121,8 +121,9 @@ def test_the_runtime_serves_the_mean_over_the_models_test_time_views(store):
 @pytest.mark.parametrize("override, message", [
     ("serve.runtime=onnx", "serve.runtime='onnx' is invalid: expected savedmodel, openvino, tflite, tflite_int8_dynamic, tflite_float16"),
     ("serve.workers=0", "serve.workers=0 is invalid: expected a positive integer"),
+    ("serve.threads=0", "serve.threads=0 is invalid: expected a positive integer or null"),
 ])
-def test_an_unknown_runtime_or_no_workers_is_a_one_line_error(store, override, message):
+def test_an_unknown_runtime_no_workers_or_no_threads_is_a_one_line_error(store, override, message):
     import subprocess
 
     from src.config import PROJECT_ROOT
