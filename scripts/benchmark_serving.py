@@ -279,7 +279,7 @@ def main() -> int:
                         help="comma-separated serve.runtime values to measure in turn, e.g. savedmodel,openvino,tflite")
     parser.add_argument("--workers", type=int, default=1, help="serve.workers of each server")
     parser.add_argument("--threads", type=int, help="serve.threads of each server (default: the cores shared among "
-                                                    "its workers)")
+                                                    "its workers); the in-process model keeps its runtime's default")
     parser.add_argument("--load", action="store_true", help="the load and memory test instead (of the first runtime)")
     parser.add_argument("--concurrency", type=int, default=8, help="--load: client threads")
     parser.add_argument("--bad-fraction", type=float, default=0.1, help="--load: the share of bad requests")
@@ -303,8 +303,9 @@ def main() -> int:
         mlflow.MlflowClient(), name, args.model_uri, cfg.registry.model_name, Path(cfg.paths.runtimes_dir))[1]
         for name in names}  # made now when missing, not while a server starts
     image = test_image()
-    server_args = [f"serve.workers={args.workers}", *([f"serve.threads={args.threads}"] if args.threads else [])]
-    workers = f"{args.workers} worker(s), {args.threads or 'default'} threads each"
+    server_args = [f"serve.workers={args.workers}",
+                   *([f"serve.threads={args.threads}"] if args.threads is not None else [])]
+    workers = f"{args.workers} worker(s), {args.threads if args.threads is not None else 'default'} threads each"
     if args.load:
         n_requests = args.requests or 2000
         server, url = start_server(args.model_uri, f"serve.runtime={names[0]}", *server_args)

@@ -118,17 +118,20 @@ def app_from_environment() -> RequestLimits:
     return build_app(args["model_uri"], cfg, Path(folder) if folder else None)
 
 
-def threads(cfg: DictConfig) -> int:
-    """Each worker's compute threads: serve.threads, else the machine's cores shared among the workers (N workers
-    each on every core oversubscribe them)."""
-    return cfg.get("threads") or max(1, (os.cpu_count() or 1) // cfg.workers)
+def threads(cfg: DictConfig) -> int | None:
+    """Each worker's compute threads: serve.threads; else, with several workers, the cores this process may run
+    on shared among them (N workers each on every core oversubscribe them); else None: each runtime's default."""
+    if cfg.get("threads"):
+        return cfg.threads
+    return max(1, len(os.sched_getaffinity(0)) // cfg.workers) if cfg.workers > 1 else None
 
 
 def use_threads(cfg: DictConfig) -> None:
     """TensorFlow's thread pools in this process (the SavedModel, and the decoding for the other runtimes) at
-    `threads(cfg)`; before TensorFlow runs its first op, which fixes them."""
-    tf.config.threading.set_intra_op_parallelism_threads(threads(cfg))
-    tf.config.threading.set_inter_op_parallelism_threads(threads(cfg))
+    `threads(cfg)`, if set; before TensorFlow runs its first op, which fixes them."""
+    if (count := threads(cfg)) is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(count)
+        tf.config.threading.set_inter_op_parallelism_threads(count)
 
 
 def serve(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None) -> None:

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -207,9 +208,9 @@ def test_predict_script_batches_by_count_and_by_bytes(tmp_path):
 
 def test_the_workers_socket_turns_nagle_off_on_every_connection():
     """serve.workers > 1 shares listening_socket: asyncio sets TCP_NODELAY on its connections (on uvicorn's own,
-    it did not, and each keep-alive request waited ~40 ms for a delayed ACK); a taken port is a one-line error."""
+    made with proto 0, it did not, and each keep-alive request waited ~40 ms for a delayed ACK); a taken port is a
+    one-line error."""
     import asyncio
-    import socket
 
     from src.config import UserError
     from src.serve import listening_socket
@@ -222,7 +223,7 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
                 accepted.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
                                                                                   socket.TCP_NODELAY))
                 transport.close()
-        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)  # closes sock when closed
         _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
         try:
             return await asyncio.wait_for(accepted, 10)
@@ -230,22 +231,31 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
             writer.close()
             server.close()
 
-    port = free_port()
-    sock = listening_socket("127.0.0.1", port)
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", free_port()))
+        taken.bind(("127.0.0.1", 0))
         with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); .*PORT="):
             listening_socket("127.0.0.1", taken.getsockname()[1])
-    assert asyncio.run(accepted_nodelay(sock)) == 1
-    uvicorns = socket.socket(socket.AF_INET)  # how uvicorn's Config.bind_socket makes it: the case this avoids
-    uvicorns.bind(("127.0.0.1", 0))
-    assert asyncio.run(accepted_nodelay(uvicorns)) == 0
+    assert asyncio.run(accepted_nodelay(listening_socket("127.0.0.1", 0))) == 1
+
+
+def test_several_workers_are_started_on_that_socket(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from src import serve
+    started = []
+    monkeypatch.setitem(os.environ, serve.APP_ARGS, "")  # serve() sets it for the workers
+    monkeypatch.setattr(serve, "Multiprocess", lambda config, sockets: started.append((config, sockets)) or
+                        type("Supervisor", (), {"run": lambda self: None})())
+    serve.serve("models:/flowers@champion", OmegaConf.create({"workers": 2, "host": "127.0.0.1", "port": 0}))
+    [(config, [sock])] = started
+    with sock:
+        assert config.workers == 2 and sock.proto == socket.IPPROTO_TCP and sock.get_inheritable()
 
 
 def test_the_workers_share_the_cores_unless_serve_threads_says_otherwise(monkeypatch):
     from omegaconf import OmegaConf
 
     from src.serve import threads
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert [threads(OmegaConf.create({"workers": w, "threads": None})) for w in (1, 2, 3, 16)] == [8, 4, 2, 1]
-    assert threads(OmegaConf.create({"workers": 2, "threads": 3})) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [threads(OmegaConf.create({"workers": w, "threads": None})) for w in (1, 2, 3, 16)] == [None, 4, 2, 1]
+    assert [threads(OmegaConf.create({"workers": w, "threads": 3})) for w in (1, 2)] == [3, 3]
