@@ -305,7 +305,7 @@ def main() -> int:
     image = test_image()
     server_args = [f"serve.workers={args.workers}",
                    *([f"serve.threads={args.threads}"] if args.threads is not None else [])]
-    workers = f"{args.workers} worker(s), {args.threads if args.threads is not None else 'default'} threads each"
+    server_setup = f"{args.workers} worker(s), {args.threads if args.threads is not None else 'default'} threads each"
     if args.load:
         n_requests = args.requests or 2000
         server, url = start_server(args.model_uri, f"serve.runtime={names[0]}", *server_args)
@@ -315,7 +315,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
-        print_load(report, f"{model_uri} ({names[0]}, {workers})", args.json)
+        print_load(report, f"{model_uri} ({names[0]}, {server_setup})", args.json)
         return 0 if passed(report) else 1
     n = args.requests or 200
     rows = [measure(model_uri, bool(args.model_uri), name, folders[name], image, n, server_args) for name in names]
@@ -325,7 +325,7 @@ def main() -> int:
     table["HTTP c=8 / in-process"] = table["HTTP img/s c=8"] / table["in-process img/s"]
     if "savedmodel" in names:
         table["HTTP c=8 / savedmodel's"] = table["HTTP img/s c=8"] / table.loc["savedmodel", "HTTP img/s c=8"]
-    print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {n} calls per figure; {workers}; "
+    print(f"model {model_uri}; one {len(image):,}-byte test JPEG; {n} calls per figure; {server_setup}; "
           f"{os.cpu_count()} CPU cores")
     print("top-1 of the image: " + "; ".join(f"{name} {top}" for name, top in tops.items()))
     print()

@@ -1,5 +1,6 @@
 """`make serve-best` end to end: a registered champion, the real server on loopback, real HTTP requests."""
 
+import asyncio
 import base64
 import io
 import json
@@ -11,12 +12,14 @@ import sys
 import numpy as np
 import pytest
 import requests
+from omegaconf import OmegaConf
 from PIL import Image
 
 from scripts.benchmark_serving import bomb_png
-from src.config import PROJECT_ROOT
+from src import serve
+from src.config import PROJECT_ROOT, UserError
 from src.pyfunc_model import FlowerClassifier
-from src.serve import free_port
+from src.serve import free_port, listening_socket, threads
 from tests.helpers import CLASSES, JPEG, PHOTO, encode, running
 
 MAX_IMAGES, MAX_BODY_MB = 4, 1
@@ -210,11 +213,6 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
     """serve.workers > 1 shares listening_socket: asyncio sets TCP_NODELAY on its connections (on uvicorn's own,
     made with proto 0, it did not, and each keep-alive request waited ~40 ms for a delayed ACK); a taken port is a
     one-line error."""
-    import asyncio
-
-    from src.config import UserError
-    from src.serve import listening_socket
-
     async def accepted_nodelay(sock: socket.socket) -> int:
         accepted = asyncio.get_running_loop().create_future()
 
@@ -239,13 +237,16 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
 
 
 def test_several_workers_are_started_on_that_socket(monkeypatch):
-    from omegaconf import OmegaConf
-
-    from src import serve
     started = []
+
+    class Supervisor:  # uvicorn's Multiprocess, without the processes
+        def __init__(self, config, sockets):
+            started.append((config, sockets))
+
+        def run(self):
+            pass
     monkeypatch.setitem(os.environ, serve.APP_ARGS, "")  # serve() sets it for the workers
-    monkeypatch.setattr(serve, "Multiprocess", lambda config, sockets: started.append((config, sockets)) or
-                        type("Supervisor", (), {"run": lambda self: None})())
+    monkeypatch.setattr(serve, "Multiprocess", Supervisor)
     serve.serve("models:/flowers@champion", OmegaConf.create({"workers": 2, "host": "127.0.0.1", "port": 0}))
     [(config, [sock])] = started
     with sock:
@@ -253,9 +254,6 @@ def test_several_workers_are_started_on_that_socket(monkeypatch):
 
 
 def test_the_workers_share_the_cores_unless_serve_threads_says_otherwise(monkeypatch):
-    from omegaconf import OmegaConf
-
-    from src.serve import threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert [threads(OmegaConf.create({"workers": w, "threads": None})) for w in (1, 2, 3, 16)] == [None, 4, 2, 1]
     assert [threads(OmegaConf.create({"workers": w, "threads": 3})) for w in (1, 2)] == [3, 3]
