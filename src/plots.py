@@ -222,17 +222,18 @@ def robustness(table: pd.DataFrame, clean: float, title: str) -> plt.Figure:
 
 
 def model_comparison(table: pd.DataFrame, title: str) -> plt.Figure:
-    """Test accuracy, size and one-image latency per model (rows of `table`: model, test/accuracy, size_mb,
+    """Accuracy, size and one-image latency per model (rows of `table`: model, <split>/accuracy, size_mb,
     latency_ms)."""
+    accuracy = next(column for column in table.columns if column.endswith("/accuracy"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
-    for ax, (column, label, fmt) in zip(axes, (("test/accuracy", "test accuracy", "{:.4f}"),
+    for ax, (column, label, fmt) in zip(axes, ((accuracy, accuracy.replace("/", " "), "{:.4f}"),
                                                ("size_mb", "size (MB)", "{:.1f}"),
                                                ("latency_ms", "latency, one image (ms)", "{:.1f}"))):
         bars = ax.bar(table["model"], table[column],
                       color=["#3182bd", "#9ecae1", "#fdae6b", "#e6550d", "#a1d99b"][:len(table)])
         ax.bar_label(bars, labels=[fmt.format(v) for v in table[column]], fontsize=8)
         ax.tick_params(axis="x", labelrotation=20)
-        if column == "test/accuracy":  # from 0, differences of a point or two would not show
+        if column == accuracy:  # from 0, differences of a point or two would not show
             ax.set_ylim(max(0.0, table[column].min() - 0.05), min(1.0, table[column].max() + 0.02))
         ax.set(title=label, ylabel=label)
         ax.margins(y=0.15)

@@ -184,8 +184,9 @@ def runtime_model(client: mlflow.MlflowClient, runtime: str, model_uri: str | No
 
 def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches,
             latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None,
-            views: tuple[str, ...] = ("identity",)) -> pd.DataFrame:
-    """Each model's accuracy on `batches` of (uint8 images by input name, labels), its top-1 agreement with the
+            views: tuple[str, ...] = ("identity",), split: str = "test") -> pd.DataFrame:
+    """Each model's accuracy on `batches` of (uint8 images by input name, labels) of `split`, as the column
+    `<split>/accuracy`, its top-1 agreement with the
     SavedModel (with a bootstrap 95 % interval over the images), its size (`files`) and its median latency for
     one image on this CPU, each over the test-time `views`. `runners`: name -> function of uint8 images by input
     name; the SavedModel comes first. `images`: how many `batches` hold, for the progress bar."""
@@ -198,7 +199,7 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
     files = {"saved_model": [Path(saved_model_dir)], **files}
     predicted = {name: [] for name in models}
     labels = []
-    with progress.bar(images, f"test images through {len(models)} models", "img") as bar:
+    with progress.bar(images, f"{split} images through {len(models)} models", "img") as bar:
         for batch, batch_labels in batches:
             batch = {name: each.numpy() for name, each in batch.items()}
             for name, model in models.items():
@@ -212,13 +213,13 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
     for name, model in models.items():
         agree = predicted[name] == predicted["saved_model"]
         low, high = stats.accuracy_interval(agree)
-        rows.append({"model": name, "test/accuracy": float((predicted[name] == labels).mean()),
+        rows.append({"model": name, f"{split}/accuracy": float((predicted[name] == labels).mean()),
                      "agreement_with_saved_model": float(agree.mean()), "agreement_low": low, "agreement_high": high,
                      "size_mb": sizes[name], "latency_ms": _latency(model, latency_image, latency_runs),
                      "images": len(labels)})
     table = pd.DataFrame(rows)
     table["size_vs_saved_model"] = table["size_mb"] / table.loc[0, "size_mb"]
-    table["accuracy_vs_saved_model_points"] = 100 * (table["test/accuracy"] - table.loc[0, "test/accuracy"])
+    table["accuracy_vs_saved_model_points"] = 100 * (table[f"{split}/accuracy"] - table.loc[0, f"{split}/accuracy"])
     return table
 
 
@@ -251,10 +252,12 @@ def input_sizes(saved_model_dir: Path) -> dict[str, tuple[int, int]]:
     return {name: (int(spec.shape[1]), int(spec.shape[2])) for name, spec in inputs.items()}
 
 
-def export(model_uri: str, run_id: str, folder: Path, representative: int, test_images: int | None) -> pd.DataFrame:
+def export(model_uri: str, run_id: str, folder: Path, representative: int, images: int | None,
+           split: str = "test") -> pd.DataFrame:
     """Convert to TFLite float16, int8 (calibrated on train images) and int8_dynamic, and to OpenVINO (when
-    installed), compare each with the SavedModel on test, and write `folder`; log it to the run unless only part
-    of test was compared.
+    installed), compare each with the SavedModel on `split` (test, or validation to choose a runtime before
+    test is read; `images`: its first N only), and write `folder`; log it to the run only when all of test was
+    compared.
     The folder is swapped in whole at the end: a failure leaves the previous export and the run as they were."""
     from tensorflow.lite.python.convert import ConverterError  # not in the public tf.lite API
 
@@ -282,11 +285,13 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
                     runners[target] = Classifier(written[target][0])
         except (ConverterError, RuntimeError) as error:
             raise UserError(f"cannot convert {model_uri}: {' '.join(str(error).split())[:300]}") from None
-        test_split = splits.test.take(test_images) if test_images else splits.test
-        test = make_batches(test_split, sizes, 32)
+        compared = splits.test if split == "test" else splits.validation
+        compared = compared.take(images) if images else compared
+        batches = make_batches(compared, sizes, 32)
         views = parse_views(run_cfg.model.tta, "model.tta")
-        table = compare(saved_model, written, runners, test, {k: v.numpy()[0] for k, v in next(iter(test))[0].items()},
-                        images=int(test_split.cardinality()), views=views)
+        table = compare(saved_model, written, runners, batches,
+                        {k: v.numpy()[0] for k, v in next(iter(batches))[0].items()},
+                        images=int(compared.cardinality()), views=views, split=split)
         if "openvino" in runners:
             table.loc[table["model"] == "openvino", "model"] = f"openvino ({runners['openvino'].precision})"
         (staging / "labels.txt").write_text("\n".join(splits.class_names) + "\n")
@@ -294,9 +299,9 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, test_
         table.to_csv(staging / "comparison.csv", index=False)
         (staging / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
         figure = plots.model_comparison(table, f"{model_uri}: SavedModel against TFLite and OpenVINO on "
-                                               f"{int(table.images[0])} test images (this CPU)")
+                                               f"{int(table.images[0])} {split} images (this CPU)")
         figure.savefig(staging / "comparison.png", dpi=110)
         plots.plt.close(figure)
-        if test_images is None:  # a comparison on part of test would replace the full one in the run
+        if split == "test" and images is None:  # otherwise it would replace the full test comparison in the run
             mlflow.MlflowClient().log_artifacts(run_id, str(staging), "tflite")
     return table

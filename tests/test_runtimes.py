@@ -186,8 +186,24 @@ def test_a_comparison_on_part_of_test_is_written_but_not_logged_over_the_full_on
     full = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="tflite/comparison.csv"))
     assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(folder.parent),
                                "--representative", "10", "--test-images", "20"]) == 0
-    assert "not logged to the run: only part of test was compared" in capsys.readouterr().out
+    assert "not logged to the run: not the whole of test" in capsys.readouterr().out
     assert set(pd.read_csv(folder / "comparison.csv")["images"]) == {20}
     logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                              artifact_path="tflite/comparison.csv"))
     assert set(logged["images"]) == set(full["images"]) == {80}
+
+
+def test_a_comparison_on_validation_goes_to_its_own_folder_and_leaves_the_test_one_and_the_run_alone(exported, capsys):
+    run, folder, cfg = exported
+    before = (folder / "comparison.csv").read_text()
+    assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(folder.parent),
+                               "--representative", "10", "--split", "validation"]) == 0
+    assert "not logged to the run" in capsys.readouterr().out
+    table = pd.read_csv(folder.parent / f"{folder.name}-validation" / "comparison.csv")
+    assert "test/accuracy" not in table and (table["validation/accuracy"] >= 0.75).all()
+    assert set(table["images"]) == {int(load_splits(cfg.data).validation.cardinality())}
+    assert table.loc[0, "validation/accuracy"] == pytest.approx(run.data.metrics["val/accuracy_best"])
+    assert (folder / "comparison.csv").read_text() == before
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                             artifact_path="tflite/comparison.csv"))
+    assert "test/accuracy" in logged
