@@ -5,8 +5,9 @@
 POST /invocations {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ...]}}
   -> {"predictions": [{"class_name", "label", "score", "top_k": [{"class_name", "label", "score"}, ...]}, ...]}
 GET /ping, /health, /version. Limits (images per request, pixels per image, body size) are in conf/serve/.
-serve.runtime=openvino|tflite serves the model's OpenVINO or int8 TFLite export (make export-tflite; made first
-when missing) with the same contract.
+serve.runtime=openvino|tflite|tflite_int8_dynamic|tflite_float16 serves the model's OpenVINO or TFLite export
+(make export-tflite; made first when missing) with the same contract, and first prints how often that export
+agreed with the SavedModel on test.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         _, folder = runtimes.runtime_model(mlflow.MlflowClient(), cfg.serve.runtime, args.model_uri,
                                            cfg.registry.model_name, Path(cfg.paths.runtimes_dir))
         which = ", ".join(filter(None, [which, f"{cfg.serve.runtime}: {folder / runtimes.SERVED[cfg.serve.runtime]}"]))
+        print(runtimes.agreement(cfg.serve.runtime, folder), flush=True)
     workers = f", {cfg.serve.workers} workers" if cfg.serve.workers > 1 else ""
     print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations"
           f"{workers}", flush=True)

@@ -182,6 +182,18 @@ def runtime_model(client: mlflow.MlflowClient, runtime: str, model_uri: str | No
     return uri, folder
 
 
+def agreement(runtime: str, folder: Path) -> str:
+    """How often the `runtime` model of `folder` agreed with its SavedModel, from its export's comparison."""
+    path = folder / "comparison.csv"
+    if not path.is_file():
+        return f"no comparison in {folder}: make export-tflite measures how often {runtime} agrees with the SavedModel"
+    table = pd.read_csv(path)
+    [row] = table[table["model"].str.split(" ").str[0] == Path(SERVED[runtime]).stem].itertuples()
+    split = next(column for column in table.columns if column.endswith("/accuracy")).split("/")[0]
+    return (f"{runtime} agreed with the SavedModel on {100 * row.agreement_with_saved_model:.2f} % "
+            f"[{100 * row.agreement_low:.2f}, {100 * row.agreement_high:.2f}] of {row.images} {split} images ({path})")
+
+
 def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, batches,
             latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None,
             views: tuple[str, ...] = ("identity",), split: str = "test") -> pd.DataFrame:

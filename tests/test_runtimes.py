@@ -13,7 +13,7 @@ import pytest
 from src.config import PROJECT_ROOT, UserError
 from src.data import load_splits, make_batches
 from src.pipeline import run_job
-from src.runtimes import Classifier, OpenVINOClassifier, convert, input_sizes, interpreter
+from src.runtimes import Classifier, OpenVINOClassifier, agreement, convert, input_sizes, interpreter
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
 import export_tflite  # noqa: E402
@@ -55,6 +55,17 @@ def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run
     assert (folder / "labels.txt").read_text().split() == ["red", "green", "blue", "yellow"]
     assert (folder / "views.txt").read_text().split() == ["identity"]  # the run's model.tta
     assert OpenVINOClassifier(folder / "openvino.xml", threads=1).compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+def test_the_served_runtimes_agreement_is_read_from_its_exports_comparison(exported, tmp_path):
+    _, folder, _ = exported
+    table = pd.read_csv(folder / "comparison.csv").set_index("model")
+    for runtime, row in (("tflite", "int8"), ("tflite_int8_dynamic", "int8_dynamic"), ("tflite_float16", "float16"),
+                         ("openvino", "openvino (f32)")):
+        low, mean, high = (100 * table.loc[row, c] for c in ("agreement_low", "agreement_with_saved_model", "agreement_high"))
+        assert agreement(runtime, folder).startswith(
+            f"{runtime} agreed with the SavedModel on {mean:.2f} % [{low:.2f}, {high:.2f}] of 80 test images")
+    assert agreement("tflite", tmp_path).startswith(f"no comparison in {tmp_path}: make export-tflite measures")
 
 
 def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):
@@ -201,6 +212,8 @@ def test_a_comparison_on_validation_goes_to_its_own_folder_and_leaves_the_test_o
     assert "not logged to the run" in capsys.readouterr().out
     table = pd.read_csv(folder.parent / f"{folder.name}-validation" / "comparison.csv")
     assert "test/accuracy" not in table and (table["validation/accuracy"] >= 0.75).all()
+    assert agreement("tflite", folder.parent / f"{folder.name}-validation").endswith(
+        f"of {table['images'][0]} validation images ({folder.parent / f'{folder.name}-validation' / 'comparison.csv'})")
     assert set(table["images"]) == {int(load_splits(cfg.data).validation.cardinality())}
     assert table.loc[0, "validation/accuracy"] == pytest.approx(run.data.metrics["val/accuracy_best"])
     assert (folder / "comparison.csv").read_text() == before
