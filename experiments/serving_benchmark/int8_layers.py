@@ -1,10 +1,12 @@
 """Where full int8 loses the champion's answers: TensorFlow's QuantizationDebugger ranks the int8 model's layers
 by RMSE / scale on the 200 train images that calibrate it, then int8 models that keep the worst N layers (and
-those over the TF guide's 0.7) in float are compared with the SavedModel on validation, over the model's views.
+those over the TF guide's 0.7, and every layer of the head) in float are compared with the SavedModel on
+validation, over the model's views.
 
     python experiments/serving_benchmark/int8_layers.py /tmp/int8/probe 3 10   # the champion of the store in use
 
-Output of 2026-12-06: int8_study.md."""
+Output of 2026-12-06: int8_study.md (before the int8_head_float variant); of 2026-12-07: the fifth round in
+README.md."""
 import sys
 import tempfile
 import time
@@ -62,6 +64,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for n in [int(a) for a in sys.argv[2:]]:
         variants[f"int8_top{n}"] = list(stats["tensor_name"].head(n))
     variants["int8_over0.7"] = list(stats[stats["rmse/scale"] > 0.7]["tensor_name"])
+    variants["int8_head_float"] = list(stats[stats["tensor_name"].str.startswith("head")]["tensor_name"])
     files, runners = {}, {}
     for name, nodes in variants.items():
         t = time.time()
