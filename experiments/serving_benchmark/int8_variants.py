@@ -49,5 +49,6 @@ with tempfile.TemporaryDirectory() as tmp:
         print(name, f"{time.time() - t:.0f} s", flush=True)
     batches = make_batches(splits.validation, sizes, 32)
     first = {k: v.numpy()[0] for k, v in next(iter(batches))[0].items()}
-    table = runtimes.compare(sm, files, runners, batches, first, latency_runs=20, images=1020, views=views)
-    print(table.rename(columns={"test/accuracy": "validation/accuracy"}).to_markdown(index=False, floatfmt=".4g"))
+    table = runtimes.compare(sm, files, runners, batches, first, latency_runs=20, images=1020, views=views,
+                             split="validation")
+    print(table.to_markdown(index=False, floatfmt=".4g"))
