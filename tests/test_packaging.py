@@ -36,3 +36,23 @@ def test_the_installed_tensorflow_is_tensorflow_cpu_alone():
     assert any(str(f) == "tensorflow/__init__.py" for f in cpu.files)
     # and its files are on disk: pip replacing the full wheel by the alias in place deletes them (README, Set up)
     assert all(cpu.locate_file(f).exists() for f in cpu.files if f.parts[0] == "tensorflow")
+
+
+def test_install_size_follows_the_cores_requirements_and_what_a_swap_takes_off(capsys):
+    import sys
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    import install_size
+
+    core = install_size.closure({})
+    assert {"tensorflow-cpu", "mlflow", "scikit-learn", "scipy", "pyarrow"} <= core
+    assert not {"pytest", "openvino", "playwright"} & core  # extras other than cpu stay out
+    swapped = install_size.closure({"scikit-learn": []})
+    assert swapped < core and "scikit-learn" not in swapped and "scipy" in swapped  # full MLflow requires scipy too
+    assert all(set(install_size.requirements(name)) - {"scikit-learn"} <= swapped for name in swapped)
+    assert install_size.main(["--swap", "scikit-learn="]) == 0
+    out = capsys.readouterr().out
+    total = float(re.search(r"core: \d+ distributions, ([\d,]+) MB installed", out)[1].replace(",", ""))
+    assert total > install_size.size_mb("tensorflow-cpu") > 100
+    assert re.search(rf"with scikit-learn -> nothing: {len(core - swapped)} fewer \(scikit-learn \d+, ", out)
+    assert install_size.main(["--swap", "mlflow"]) == 1
+    assert "is not NAME=[OTHER,...]" in capsys.readouterr().err
