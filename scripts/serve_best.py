@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = cli.config(*args.overrides)
     validate_serve(cfg)
+    sock = serve.listening_socket(cfg.serve.host, cfg.serve.port)  # a taken port fails now, not once the model is loaded
     if cfg.serve.workers == 1:  # else each worker sets its own, and this process may have runtime models to make
         serve.use_threads(cfg.serve)
     model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = f", {cfg.serve.workers} workers" if cfg.serve.workers > 1 else ""
     print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations"
           f"{workers}", flush=True)
-    serve.serve(model_uri, cfg.serve, folder)
+    serve.serve(model_uri, cfg.serve, folder, sock)
     return 0
 
 

@@ -236,6 +236,20 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
     assert asyncio.run(accepted_nodelay(listening_socket("127.0.0.1", 0))) == 1
 
 
+def test_serve_best_on_a_taken_port_is_a_one_line_error_before_any_model_is_looked_up(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "scripts/serve_best.py", f"serve.port={port}"], cwd=PROJECT_ROOT,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert result.returncode == 1 and "serving" not in result.stdout, result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in "
+                                                      "use); stop what uses it, or pick another port: make serve-best "
+                                                      "PORT=9000")
+
+
 def test_several_workers_are_started_on_that_socket(monkeypatch):
     started = []
 
