@@ -30,20 +30,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = cli.config(*args.overrides)
     validate_serve(cfg)
-    sock = serve.listening_socket(cfg.serve.host, cfg.serve.port)  # a taken port fails now, not once the model is loaded
-    if cfg.serve.workers == 1:  # else each worker sets its own, and this process may have runtime models to make
-        serve.use_threads(cfg.serve)
-    model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
-    folder = None
-    if cfg.serve.runtime != "savedmodel":
-        _, folder = runtimes.runtime_model(mlflow.MlflowClient(), cfg.serve.runtime, args.model_uri,
-                                           cfg.registry.model_name, Path(cfg.paths.runtimes_dir))
-        which = ", ".join(filter(None, [which, f"{cfg.serve.runtime}: {folder / runtimes.SERVED[cfg.serve.runtime]}"]))
-        print(runtimes.agreement(cfg.serve.runtime, folder), flush=True)
-    workers = f", {cfg.serve.workers} workers" if cfg.serve.workers > 1 else ""
-    print(f"serving {model_uri} {f'({which}) ' if which else ''}on http://{cfg.serve.host}:{cfg.serve.port}/invocations"
-          f"{workers}", flush=True)
-    serve.serve(model_uri, cfg.serve, folder, sock)
+    # Bound first: a taken port fails now, not once the model is loaded; closed on any error after.
+    with serve.listening_socket(cfg.serve.host, cfg.serve.port) as sock:
+        if cfg.serve.workers == 1:  # else each worker sets its own, and this process may have runtime models to make
+            serve.use_threads(cfg.serve)
+        model_uri, which = (args.model_uri, "") if args.model_uri else serve.champion_uri(cfg.registry.model_name)
+        folder = None
+        if cfg.serve.runtime != "savedmodel":
+            _, folder = runtimes.runtime_model(mlflow.MlflowClient(), cfg.serve.runtime, args.model_uri,
+                                               cfg.registry.model_name, Path(cfg.paths.runtimes_dir))
+            served = folder / runtimes.SERVED[cfg.serve.runtime]
+            which = ", ".join(filter(None, [which, f"{cfg.serve.runtime}: {served}"]))
+            print(runtimes.agreement(cfg.serve.runtime, folder), flush=True)
+        workers = f", {cfg.serve.workers} workers" if cfg.serve.workers > 1 else ""
+        print(f"serving {model_uri} {f'({which}) ' if which else ''}on "
+              f"http://{cfg.serve.host}:{cfg.serve.port}/invocations{workers}", flush=True)
+        serve.serve(model_uri, cfg.serve, folder, sock)
     return 0
 
 

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,7 +134,8 @@ def test_a_body_over_the_limit_gets_413_whether_declared_or_streamed(server):
 
 
 def test_without_a_champion_the_server_refuses_to_start_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "scripts/serve_best.py"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "scripts/serve_best.py", f"serve.port={free_port()}"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: model 'flowers' has no champion")
@@ -248,6 +250,21 @@ def test_serve_best_on_a_taken_port_is_a_one_line_error_before_any_model_is_look
     assert result.stderr.strip().splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in "
                                                       "use); stop what uses it, or pick another port: make serve-best "
                                                       "PORT=9000")
+
+
+def test_ctrl_c_stops_one_server_process_quietly(champion_store):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "scripts/serve_best.py", f"serve.port={port}"], cwd=PROJECT_ROOT,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": champion_store[0]}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert serve.wait_until_up(f"http://127.0.0.1:{port}/ping", process)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in output and "KeyboardInterrupt" not in output, output[-2000:]
+    assert "Finished server process" in output
 
 
 def test_several_workers_are_started_on_that_socket(monkeypatch):
