@@ -1,4 +1,4 @@
-"""The champion as TFLite models (float16, int8, dynamic-range int8) and an OpenVINO model, checked on test.
+"""The champion as TFLite and OpenVINO models, compared with its SavedModel on test (or validation).
 
     python scripts/export_tflite.py                      # or: make export-tflite
     python scripts/export_tflite.py --model-uri runs:/<run id>/model --images 500
@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.output / (label if args.split == "test" else f"{label}-validation")
     table = runtimes.export(uri, run_id, folder, args.representative, args.images, args.split)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    logged = args.split == "test" and args.images is None
-    print(f"-> {folder}" + (f" (logged to run {run_id} under tflite/)" if logged else
-                             " (not logged to the run: not the whole of test)"))
+    if runtimes.logs_to_run(args.split, args.images):
+        print(f"-> {folder} (logged to run {run_id} under tflite/)")
+    else:
+        print(f"-> {folder} (not logged to the run: {'part of test' if args.split == 'test' else args.split})")
     return 0
 
 

@@ -188,7 +188,11 @@ def agreement(runtime: str, folder: Path) -> str:
     if not path.is_file():
         return f"no comparison in {folder}: make export-tflite measures how often {runtime} agrees with the SavedModel"
     table = pd.read_csv(path)
-    [row] = table[table["model"].str.split(" ").str[0] == Path(SERVED[runtime]).stem].itertuples()
+    stem = Path(SERVED[runtime]).stem  # the model's row: "int8", or "openvino (f32)" with its precision
+    rows = list(table[(table["model"] == stem) | table["model"].str.startswith(f"{stem} (")].itertuples())
+    if len(rows) != 1:
+        return f"no row for {runtime} in {path}: make export-tflite measures how often it agrees with the SavedModel"
+    [row] = rows
     split = next(column for column in table.columns if column.endswith("/accuracy")).split("/")[0]
     return (f"{runtime} agreed with the SavedModel on {100 * row.agreement_with_saved_model:.2f} % "
             f"[{100 * row.agreement_low:.2f}, {100 * row.agreement_high:.2f}] of {row.images} {split} images ({path})")
@@ -198,10 +202,10 @@ def compare(saved_model_dir: Path, files: dict[str, list[Path]], runners: dict, 
             latency_image: dict[str, np.ndarray], latency_runs: int = 50, images: int | None = None,
             views: tuple[str, ...] = ("identity",), split: str = "test") -> pd.DataFrame:
     """Each model's accuracy on `batches` of (uint8 images by input name, labels) of `split`, as the column
-    `<split>/accuracy`, its top-1 agreement with the
-    SavedModel (with a bootstrap 95 % interval over the images), its size (`files`) and its median latency for
-    one image on this CPU, each over the test-time `views`. `runners`: name -> function of uint8 images by input
-    name; the SavedModel comes first. `images`: how many `batches` hold, for the progress bar."""
+    `<split>/accuracy`, its top-1 agreement with the SavedModel (with a bootstrap 95 % interval over the images),
+    its size (`files`) and its median latency for one image on this CPU, each over the test-time `views`.
+    `runners`: name -> function of uint8 images by input name; the SavedModel comes first. `images`: how many
+    `batches` hold, for the progress bar."""
     loaded = tf.saved_model.load(str(saved_model_dir))  # the signature needs the object that holds its variables
     reference = loaded.signatures[CLASSIFY_RESIZED]
     models = {"saved_model": lambda images: reference(**{k: tf.constant(v) for k, v in images.items()})
@@ -264,6 +268,11 @@ def input_sizes(saved_model_dir: Path) -> dict[str, tuple[int, int]]:
     return {name: (int(spec.shape[1]), int(spec.shape[2])) for name, spec in inputs.items()}
 
 
+def logs_to_run(split: str, images: int | None) -> bool:
+    """Whether an export's comparison goes to the run: only one on all of test, which it would otherwise replace."""
+    return split == "test" and images is None
+
+
 def export(model_uri: str, run_id: str, folder: Path, representative: int, images: int | None,
            split: str = "test") -> pd.DataFrame:
     """Convert to TFLite float16, int8 (calibrated on train images) and int8_dynamic, and to OpenVINO (when
@@ -314,6 +323,6 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, image
                                                f"{int(table.images[0])} {split} images (this CPU)")
         figure.savefig(staging / "comparison.png", dpi=110)
         plots.plt.close(figure)
-        if split == "test" and images is None:  # otherwise it would replace the full test comparison in the run
+        if logs_to_run(split, images):
             mlflow.MlflowClient().log_artifacts(run_id, str(staging), "tflite")
     return table

@@ -30,8 +30,9 @@ PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3),
 
 @contextmanager
 def running(command: list[str], port: int, env: dict, ready: str = "/ping", timeout: float = 180.0,
-            host: str = "127.0.0.1"):
-    """Start a server process, wait until `ready` answers on host:port, yield its URL; stop it afterwards."""
+            host: str = "127.0.0.1", output: list[str] | None = None):
+    """Start a server process, wait until `ready` answers on host:port, yield its URL; stop it afterwards, then
+    append what it printed to `output`."""
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # so that stopping it stops its children too
@@ -44,6 +45,9 @@ def running(command: list[str], port: int, env: dict, ready: str = "/ping", time
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+            if output is not None:
+                log.seek(0)
+                output.append(log.read())
 
 
 def train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -57,15 +57,21 @@ def test_float16_and_int8_models_match_the_saved_model_and_are_logged_to_the_run
     assert OpenVINOClassifier(folder / "openvino.xml", threads=1).compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
-def test_the_served_runtimes_agreement_is_read_from_its_exports_comparison(exported, tmp_path):
-    _, folder, _ = exported
-    table = pd.read_csv(folder / "comparison.csv").set_index("model")
-    for runtime, row in (("tflite", "int8"), ("tflite_int8_dynamic", "int8_dynamic"), ("tflite_float16", "float16"),
-                         ("openvino", "openvino (f32)")):
-        low, mean, high = (100 * table.loc[row, c] for c in ("agreement_low", "agreement_with_saved_model", "agreement_high"))
-        assert agreement(runtime, folder).startswith(
-            f"{runtime} agreed with the SavedModel on {mean:.2f} % [{low:.2f}, {high:.2f}] of 80 test images")
-    assert agreement("tflite", tmp_path).startswith(f"no comparison in {tmp_path}: make export-tflite measures")
+def test_the_served_runtimes_agreement_is_read_from_its_own_row_of_the_comparison(tmp_path):
+    models = ["saved_model", "float16", "int8", "int8_dynamic", "openvino (f32)"]
+    pd.DataFrame({"model": models, "validation/accuracy": 0.8, "agreement_with_saved_model": [1, .99, .9, .97, .98],
+                  "agreement_low": [1, .985, .89, .96, .975], "agreement_high": [1, .995, .91, .98, .985],
+                  "images": 50}).to_csv(tmp_path / "comparison.csv", index=False)
+    csv = tmp_path / "comparison.csv"
+    assert agreement("tflite", tmp_path) == \
+        f"tflite agreed with the SavedModel on 90.00 % [89.00, 91.00] of 50 validation images ({csv})"
+    for runtime, figures in (("tflite_int8_dynamic", "97.00 % [96.00, 98.00]"),
+                             ("tflite_float16", "99.00 % [98.50, 99.50]"), ("openvino", "98.00 % [97.50, 98.50]")):
+        assert agreement(runtime, tmp_path).startswith(f"{runtime} agreed with the SavedModel on {figures} of 50 ")
+    pd.read_csv(csv).iloc[:4].to_csv(csv, index=False)  # an export made without openvino installed
+    assert agreement("openvino", tmp_path).startswith(f"no row for openvino in {csv}: make export-tflite measures")
+    missing = tmp_path / "none"
+    assert agreement("tflite", missing).startswith(f"no comparison in {missing}: make export-tflite measures")
 
 
 def test_the_int8_model_is_integer_inside_and_takes_uint8_images(exported):
@@ -196,8 +202,8 @@ def test_a_comparison_on_part_of_test_is_written_but_not_logged_over_the_full_on
     run, folder, _ = exported
     full = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="tflite/comparison.csv"))
     assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(folder.parent),
-                               "--representative", "10", "--test-images", "20"]) == 0
-    assert "not logged to the run: not the whole of test" in capsys.readouterr().out
+                               "--representative", "10", "--images", "20"]) == 0
+    assert "(not logged to the run: part of test)" in capsys.readouterr().out
     assert set(pd.read_csv(folder / "comparison.csv")["images"]) == {20}
     logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                              artifact_path="tflite/comparison.csv"))
@@ -209,7 +215,7 @@ def test_a_comparison_on_validation_goes_to_its_own_folder_and_leaves_the_test_o
     before = (folder / "comparison.csv").read_text()
     assert export_tflite.main(["--model-uri", f"runs:/{run.info.run_id}/model", "--output", str(folder.parent),
                                "--representative", "10", "--split", "validation"]) == 0
-    assert "not logged to the run" in capsys.readouterr().out
+    assert "(not logged to the run: validation)" in capsys.readouterr().out
     table = pd.read_csv(folder.parent / f"{folder.name}-validation" / "comparison.csv")
     assert "test/accuracy" not in table and (table["validation/accuracy"] >= 0.75).all()
     assert agreement("tflite", folder.parent / f"{folder.name}-validation").endswith(

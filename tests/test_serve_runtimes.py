@@ -39,11 +39,11 @@ def store(tiny_backbone, tmp_path_factory):
     mlflow.set_tracking_uri(None)
 
 
-def serve(store, *overrides):
+def serve(store, *overrides, output=None):
     port = free_port()
     return running([sys.executable, "scripts/serve_best.py", f"serve.port={port}", "serve.max_images=4",
                     "serve.max_body_mb=1", f"paths.runtimes_dir={store['runtimes_dir']}", *overrides], port,
-                   {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, timeout=300)
+                   {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}, timeout=300, output=output)
 
 
 def predictions(url, images):
@@ -72,7 +72,8 @@ def saved_model_answers(store):
 @pytest.mark.parametrize("runtime, workers", [("tflite", 1), ("tflite_int8_dynamic", 1), ("tflite_float16", 1),
                                                ("openvino", 2)])
 def test_each_runtime_answers_with_the_saved_models_json_and_its_4xx(store, saved_model_answers, runtime, workers):
-    with serve(store, f"serve.runtime={runtime}", f"serve.workers={workers}") as url:
+    output = []
+    with serve(store, f"serve.runtime={runtime}", f"serve.workers={workers}", output=output) as url:
         server = next(p for p in psutil.Process().children() if "scripts/serve_best.py" in p.cmdline())
         got = predictions(url, store["images"])
         statuses = {case: invoke(url, body) for case, (body, _, _) in BAD.items()}
@@ -80,6 +81,7 @@ def test_each_runtime_answers_with_the_saved_models_json_and_its_4xx(store, save
     folder = store["runtimes_dir"] / "flowers-v1"
     assert (folder / "int8.tflite").is_file() and (folder / "openvino.xml").is_file()  # made on demand
     comparison = pd.read_csv(folder / "comparison.csv")
+    assert f"{runtime} agreed with the SavedModel on " in output[0]  # printed before it serves
     assert comparison.loc[0, "test/accuracy"] == pytest.approx(
         mlflow.get_run(mlflow.MlflowClient().get_model_version("flowers", "1").run_id).data.metrics["test/accuracy"])
     assert len(got) == len(saved_model_answers) == len(store["images"]) >= 15
