@@ -5,7 +5,7 @@ validation, over the model's views.
 
     python experiments/serving_benchmark/int8_layers.py /tmp/int8/probe 3 10   # the champion of the store in use
 
-Output of 2026-12-06: int8_study.md (before the int8_head_float variant); of 2026-12-07: the fifth round in
+Output of 2026-12-06: int8_study.md (before the int8_head_float variant); of 2026-12-07: the sixth round in
 README.md."""
 import sys
 import tempfile
