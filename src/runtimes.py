@@ -268,6 +268,12 @@ def input_sizes(saved_model_dir: Path) -> dict[str, tuple[int, int]]:
     return {name: (int(spec.shape[1]), int(spec.shape[2])) for name, spec in inputs.items()}
 
 
+def calibration_images(train, sizes: dict[str, tuple[int, int]], count: int, seed: int) -> dict[str, np.ndarray]:
+    """The `count` train images int8 calibrates on, shuffled by the run's seed: input name -> uint8 batch."""
+    batch = next(iter(make_batches(train, sizes, count, shuffle_seed=seed)))[0]
+    return {name: images.numpy() for name, images in batch.items()}
+
+
 def logs_to_run(split: str, images: int | None) -> bool:
     """Whether an export's comparison goes to the run: only one on all of test, which it would otherwise replace."""
     return split == "test" and images is None
@@ -291,8 +297,7 @@ def export(model_uri: str, run_id: str, folder: Path, representative: int, image
     with tempfile.TemporaryDirectory() as tmp, files.replaced(folder, folder=True) as staging:
         saved_model = saved_model_of(model_uri, Path(tmp))
         sizes = input_sizes(saved_model)
-        calibration = next(iter(make_batches(splits.train, sizes, representative, shuffle_seed=run_cfg.seed)))[0]
-        calibration = {name: images.numpy() for name, images in calibration.items()}
+        calibration = calibration_images(splits.train, sizes, representative, run_cfg.seed)
         written, runners = {}, {}
         targets = [*QUANTIZATIONS, *(["openvino"] if importlib.util.find_spec("openvino") else [])]
         try:

@@ -33,8 +33,7 @@ out.mkdir(parents=True, exist_ok=True)
 with tempfile.TemporaryDirectory() as tmp:
     sm = saved_model_of(uri, Path(tmp))
     sizes = runtimes.input_sizes(sm)
-    calibration = next(iter(make_batches(splits.train, sizes, runtimes.REPRESENTATIVE, shuffle_seed=cfg.seed)))[0]
-    calibration = {name: images.numpy() for name, images in calibration.items()}
+    calibration = runtimes.calibration_images(splits.train, sizes, runtimes.REPRESENTATIVE, cfg.seed)
     count = len(next(iter(calibration.values())))
 
     def dataset():

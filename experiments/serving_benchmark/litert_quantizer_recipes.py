@@ -29,9 +29,8 @@ out.mkdir(parents=True, exist_ok=True)
 with tempfile.TemporaryDirectory() as tmp:
     sm = saved_model_of(uri, Path(tmp))
     sizes = runtimes.input_sizes(sm)
-    calibration = next(iter(make_batches(splits.train, sizes, runtimes.REPRESENTATIVE, shuffle_seed=cfg.seed)))[0]
-    samples = [{name: images[i:i + 1].numpy() for name, images in calibration.items()}
-               for i in range(runtimes.REPRESENTATIVE)]
+    calibration = runtimes.calibration_images(splits.train, sizes, runtimes.REPRESENTATIVE, cfg.seed)
+    samples = [{name: images[i:i + 1] for name, images in calibration.items()} for i in range(runtimes.REPRESENTATIVE)]
     float32 = out / "float32.tflite"
     float32.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(sm), signature_keys=[CLASSIFY_RESIZED]).convert())
     files = {"float16": out / "float16.tflite"}
