@@ -6,8 +6,8 @@ change to its requirements would take off.
 
 It reads the metadata of the distributions installed where it runs: from the project's own requirements (no
 extras but `cpu`) it follows every requirement down, with the extras each asks for, and sums each distribution's
-installed files (its RECORD, bytecode included) on disk, as `du` counts them. `--swap A=B,C` replaces A by B and C (or by nothing) wherever it is required, and prints
-what would no longer be installed. Every distribution it reaches must be installed here (`make install-all`
+installed files (its RECORD, bytecode included) on disk, as `du` counts them. `--swap A=B,C` replaces A by B and
+C (or by nothing) wherever it is required, and prints what would no longer be installed. Every distribution it reaches must be installed here (`make install-all`
 holds them all).
 """
 

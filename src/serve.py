@@ -140,19 +140,19 @@ def serve(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None,
     uvicorn.run does (Ctrl-C stops it quietly) but on our socket."""
     if sock is None:
         sock = listening_socket(cfg.host, cfg.port)
-    if cfg.workers == 1:
-        app = build_app(model_uri, cfg, runtime_folder)
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info"))
-        run = lambda: server.run(sockets=[sock])  # noqa: E731
-    else:
-        os.environ[APP_ARGS] = json.dumps({"model_uri": model_uri, "cfg": OmegaConf.to_container(cfg, resolve=True),
-                                           "runtime_folder": str(runtime_folder) if runtime_folder else None})
-        # A worker loads TensorFlow and the model before it answers uvicorn's health check (5 s by default).
-        config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, workers=cfg.workers, host=cfg.host,
-                                port=cfg.port, log_level="info", timeout_worker_healthcheck=WORKER_START_S)
-        run = Multiprocess(config, sockets=[sock]).run
     try:
-        run()
+        if cfg.workers == 1:
+            app = build_app(model_uri, cfg, runtime_folder)
+            uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info")).run(sockets=[sock])
+        else:
+            os.environ[APP_ARGS] = json.dumps({"model_uri": model_uri,
+                                               "cfg": OmegaConf.to_container(cfg, resolve=True),
+                                               "runtime_folder": str(runtime_folder) if runtime_folder else None})
+            # A worker loads TensorFlow and the model before it answers uvicorn's health check (5 s by default).
+            config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, workers=cfg.workers,
+                                    host=cfg.host, port=cfg.port, log_level="info",
+                                    timeout_worker_healthcheck=WORKER_START_S)
+            Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:  # uvicorn raises it again once it has shut down
         pass
 
