@@ -221,10 +221,15 @@ def robustness(table: pd.DataFrame, clean: float, title: str) -> plt.Figure:
     return fig
 
 
+def accuracy_column(comparison: pd.DataFrame) -> str:
+    """The `<split>/accuracy` column of a runtime comparison (`runtimes.compare`'s table)."""
+    return next(column for column in comparison.columns if column.endswith("/accuracy"))
+
+
 def model_comparison(table: pd.DataFrame, title: str) -> plt.Figure:
     """Accuracy, size and one-image latency per model (rows of `table`: model, <split>/accuracy, size_mb,
     latency_ms)."""
-    accuracy = next(column for column in table.columns if column.endswith("/accuracy"))
+    accuracy = accuracy_column(table)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
     for ax, (column, label, fmt) in zip(axes, ((accuracy, accuracy.replace("/", " "), "{:.4f}"),
                                                ("size_mb", "size (MB)", "{:.1f}"),

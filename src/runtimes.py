@@ -193,7 +193,7 @@ def agreement(runtime: str, folder: Path) -> str:
     if len(rows) != 1:
         return f"no row for {runtime} in {path}: make export-tflite measures how often it agrees with the SavedModel"
     [row] = rows
-    split = next(column for column in table.columns if column.endswith("/accuracy")).split("/")[0]
+    split = plots.accuracy_column(table).split("/")[0]
     return (f"{runtime} agreed with the SavedModel on {100 * row.agreement_with_saved_model:.2f} % "
             f"[{100 * row.agreement_low:.2f}, {100 * row.agreement_high:.2f}] of {row.images} {split} images ({path})")
 
