@@ -34,7 +34,7 @@ def test_the_installed_tensorflow_is_tensorflow_cpu_alone():
     assert [f for f in alias.files if not f.parts[0].endswith(".dist-info")] == []
     assert alias.version == cpu.version
     assert any(str(f) == "tensorflow/__init__.py" for f in cpu.files)
-    # and its files are on disk: pip replacing the full wheel by the alias in place deletes them (README, Set up)
+    # and its files are on disk: pip replacing the full wheel by the alias in place deletes them (docs/installation.md)
     assert all(cpu.locate_file(f).exists() for f in cpu.files if f.parts[0] == "tensorflow")
 
 
