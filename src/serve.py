@@ -109,6 +109,7 @@ def build_app(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = Non
 
 APP_ARGS = "FLOWERS_SERVE_APP"  # serve.workers > 1: how each worker process builds its app
 WORKER_START_S = 300
+BACKLOG = 2048  # uvicorn's default, which it sets again when it serves
 
 
 def app_from_environment() -> RequestLimits:
@@ -158,8 +159,10 @@ def serve(model_uri: str, cfg: DictConfig, runtime_folder: Path | None = None,
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket (the workers share it), as uvicorn binds it but made with proto=IPPROTO_TCP, and bound
-    before the model loads, so a taken port is a one-line error at once. asyncio turns Nagle's
+    """The server's socket (the workers share it), as uvicorn binds it but made with proto=IPPROTO_TCP, bound and
+    listening before the model loads, so a taken port is a one-line error at once (with SO_REUSEADDR, a second
+    server could bind a port that is bound but not yet listening). Connections that come while the model loads
+    wait in the backlog. asyncio turns Nagle's
     algorithm off (TCP_NODELAY) only on connections whose socket says TCP, and uvicorn's own (proto 0) made every
     keep-alive request after the first wait about 40 ms for a delayed ACK: a 64 ms p50 at concurrency 1 with
     serve.workers=2 against 15 ms with one (uvicorn#3149)."""
@@ -168,6 +171,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError as error:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); stop what uses it, or pick another "

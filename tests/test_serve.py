@@ -214,7 +214,7 @@ def test_predict_script_batches_by_count_and_by_bytes(tmp_path):
 def test_the_workers_socket_turns_nagle_off_on_every_connection():
     """serve.workers > 1 shares listening_socket: asyncio sets TCP_NODELAY on its connections (on uvicorn's own,
     made with proto 0, it did not, and each keep-alive request waited ~40 ms for a delayed ACK); a taken port is a
-    one-line error."""
+    one-line error, also for a second server before the first has loaded its model."""
     async def accepted_nodelay(sock: socket.socket) -> int:
         accepted = asyncio.get_running_loop().create_future()
 
@@ -235,6 +235,9 @@ def test_the_workers_socket_turns_nagle_off_on_every_connection():
         taken.bind(("127.0.0.1", 0))
         with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); .*PORT="):
             listening_socket("127.0.0.1", taken.getsockname()[1])
+    with listening_socket("127.0.0.1", 0) as first:  # a second server started at the same moment
+        with pytest.raises(UserError, match="Address already in use"):
+            listening_socket("127.0.0.1", first.getsockname()[1])
     assert asyncio.run(accepted_nodelay(listening_socket("127.0.0.1", 0))) == 1
 
 
