@@ -16,6 +16,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 
+import pandas as pd
+
 from src import selection, track
 from src.config import UserError
 
@@ -44,9 +46,10 @@ class Outcome:
 
 
 def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: str | None = None,
-             limits: dict[str, float] | None = None) -> Run:
+             limits: dict[str, float] | None = None, selection_metric: str | None = None) -> Run:
     """The best finished run of the experiment, or of one sweep's jobs; with `limits` (a LIMITED_COSTS metric ->
-    its maximum), the best of the runs within them."""
+    its maximum), the best of the runs within them. The runs must have been selected on one metric, or
+    `selection_metric` names the one to choose among."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise UserError(f"no MLflow experiment '{experiment_name}' in {mlflow.get_tracking_uri()}; "
@@ -55,11 +58,18 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
     if sweep_run_id:
         _get_run(client, sweep_run_id)
         where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
+    if selection_metric:
+        where.append(f"tags.`{selection.METRIC_TAG}` = '{selection_metric}'")
     runs = client.search_runs([experiment.experiment_id], " and ".join(where),
-                              max_results=SEARCH_MAX_RESULTS_THRESHOLD if limits else 1, order_by=selection.ORDER_BY)
+                              max_results=SEARCH_MAX_RESULTS_THRESHOLD, order_by=selection.ORDER_BY)
+    scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
     if not runs:
-        scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
-        raise UserError(f"no finished run with {selection.SCORE} in {scope}; train first (make train)")
+        chosen = f" selected on {selection_metric}" if selection_metric else ""
+        raise UserError(f"no finished run{chosen} with {selection.SCORE} in {scope}; train first (make train)")
+    mixed = selection.mixed_metrics(pd.Series([run.data.tags.get(selection.METRIC_TAG) for run in runs]))
+    if mixed:
+        raise UserError(f"the finished runs in {scope} were selected on different metrics ({mixed}), whose scores "
+                        "do not compare; choose among one: --selection-metric <metric>")
     return _within_limits(runs, limits) if limits else runs[0]
 
 
@@ -143,10 +153,14 @@ def register_run(client: mlflow.MlflowClient, run: Run, name: str, limits: dict[
 
 
 def register_best(client: mlflow.MlflowClient, experiment_name: str, name: str, sweep_run_id: str | None = None,
-                  run_id: str | None = None, limits: dict[str, float] | None = None) -> Outcome:
+                  run_id: str | None = None, limits: dict[str, float] | None = None,
+                  selection_metric: str | None = None) -> Outcome:
     if run_id and limits:
         raise UserError("--run-id registers that run whatever it costs; drop --max-latency-ms and --max-size-mb")
-    run = _get_run(client, run_id) if run_id else best_run(client, experiment_name, sweep_run_id, limits)
+    if run_id and selection_metric:
+        raise UserError("--run-id registers that run; drop --selection-metric")
+    run = (_get_run(client, run_id) if run_id
+           else best_run(client, experiment_name, sweep_run_id, limits, selection_metric))
     if selection.SCORE not in run.data.metrics or run.info.status != "FINISHED":
         raise UserError(f"run {run.info.run_id} is {run.info.status} without {selection.SCORE}; pick a finished run")
     return register_run(client, run, name, limits)

@@ -5,7 +5,8 @@ A run's score is what it is selected on: its k-fold cross-validation accuracy on
 one (trainer.cv_folds), else its val accuracy at the selected epoch: on validation as it is, on the shifted
 validation images, or their mean (trainer.select_on). Its loss is the matching loss. Runs are ordered by score
 (higher first), then loss (lower first), then start time (earlier first), so that no tie is ever broken by hand.
-Test metrics play no part.
+Only runs selected on the same metric compare: no best is named among runs of several. Test metrics play no
+part.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def objective(metrics: dict[str, float], select_on: str = "clean") -> tuple[str,
         return "cv/accuracy", {SCORE: metrics["cv/accuracy"], LOSS: metrics["cv/loss"]}
     name = OBJECTIVES[select_on]
     return name, {SCORE: metrics[name], LOSS: metrics["val/loss_at_best"]}
+
+
+def mixed_metrics(metrics: pd.Series) -> str | None:
+    """When the runs' selection metrics (tags.selection.metric; missing on runs logged before it) are not all one,
+    what they are, e.g. "cv/accuracy: 5 runs, val/accuracy_best: 20 runs": scores on different metrics do not
+    compare (a CV score is of models fitted on more images than a val score), so no run is best of them all."""
+    counts = metrics.fillna("no selection.metric tag").value_counts()
+    return ", ".join(f"{name}: {n} run{'s' * (n > 1)}" for name, n in counts.items()) if len(counts) > 1 else None
 
 
 def best_first(runs: pd.DataFrame) -> pd.DataFrame:

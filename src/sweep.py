@@ -2,7 +2,8 @@
 
 A Hydra callback opens the parent run when the multirun starts and hands its id to the jobs through the
 environment (jobs may run in other processes, e.g. with the joblib launcher). When the multirun ends it
-writes the summary: a table of every job (CSV and markdown) and the best job, chosen by src/selection.py.
+writes the summary: a table of every job (CSV and markdown) and the best job, chosen by src/selection.py (none
+when the jobs were selected on different metrics).
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ def summarize(parent_run_id: str) -> pd.DataFrame:
     finished = selection.finished(table)
     client.log_metric(parent_run_id, "jobs", len(table))
     client.log_metric(parent_run_id, "jobs_failed", int((table["status"] == "FAILED").sum()))
-    if len(finished):
+    mixed = selection.mixed_metrics(finished["selection_metric"])
+    if mixed:
+        log.warning("the jobs were selected on different metrics (%s), whose scores do not compare: no best job; "
+                    "register one with make register-best ARGS=\"--sweep %s --selection-metric <metric>\"",
+                    mixed, parent_run_id)
+    elif len(finished):
         best = finished.iloc[0]
         client.set_tag(parent_run_id, "best_run_id", best["run_id"])
         client.set_tag(parent_run_id, "best_run_name", best["run"])

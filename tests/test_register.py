@@ -129,6 +129,23 @@ def test_registering_the_same_run_again_adds_no_version(log_run):
     assert len(client.search_model_versions("name = 'flowers'")) == 1
 
 
+def test_runs_selected_on_different_metrics_are_not_ranked_together_until_one_metric_is_chosen(log_run):
+    """A CV score (models fitted on 4/5 of train + validation) is higher than a val score of the same model, so
+    ranking both in one list would always pick a CV run."""
+    client = mlflow.MlflowClient()
+    held_out = log_run(0.90)
+    cross_validated = log_run(0.94, metric="cv/accuracy")
+    with pytest.raises(UserError, match=r"different metrics \((cv/accuracy: 1 run, val/accuracy_best: 1 run|"
+                                        r"val/accuracy_best: 1 run, cv/accuracy: 1 run)\).*--selection-metric"):
+        register.register_best(client, EXPERIMENT, "flowers")
+    assert client.search_registered_models() == []
+    assert register.best_run(client, EXPERIMENT, selection_metric="val/accuracy_best").info.run_id == held_out
+    outcome = register.register_best(client, EXPERIMENT, "flowers", selection_metric="cv/accuracy")
+    assert outcome.champion.run_id == cross_validated
+    with pytest.raises(UserError, match="no finished run selected on cv/accuracy2"):
+        register.best_run(client, EXPERIMENT, selection_metric="cv/accuracy2")
+
+
 def test_a_sweep_scope_picks_the_best_of_that_sweeps_jobs(log_run):
     sweep = log_run(0.0, with_model=False)
     log_run(0.99)  # better, but not in the sweep
@@ -213,3 +230,10 @@ def test_the_script_prints_the_outcome_and_fails_in_one_line(log_run, tracking_u
                           capture_output=True, text=True)
     assert over.returncode == 1 and "1 of 2 runs have no cost/latency_ms_p50" in over.stderr
     assert over.stderr.strip().splitlines()[-1].startswith("error: no run is within cost/latency_ms_p50 <= 30 ms")
+    log_run(0.95, metric="cv/accuracy")
+    mixed = subprocess.run(script, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert mixed.returncode == 1 and mixed.stderr.strip().splitlines()[-1].startswith(
+        f"error: the finished runs in experiment '{EXPERIMENT}' were selected on different metrics")
+    chosen = subprocess.run([*script, "--selection-metric", "cv/accuracy"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True)
+    assert chosen.returncode == 0 and "flowers version 1 (cv/accuracy 0.9500) is now the champion" in chosen.stdout

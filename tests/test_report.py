@@ -17,6 +17,7 @@ from PIL import Image
 from src import report, selection, shifts
 from src.config import CONF_DIR, PROJECT_ROOT, UserError
 from src.selection import LATENCY, LOSS, PASSES, SCORE, SIZE
+from src.sweep import summarize
 from tests.conftest import compose_config
 
 CLASSES = ["red", "green", "blue", "yellow"]
@@ -251,6 +252,24 @@ def test_report_writes_tables_and_figures_replaces_old_results_and_logs_a_report
     # a second report leaves the first report run out of its table
     report.write_report(client, "grid", out)
     assert len(pd.read_csv(out / "runs.csv")) == 7
+
+
+def test_with_runs_selected_on_different_metrics_the_sweep_names_no_best_job_and_the_report_says_so(store, tmp_path,
+                                                                                                 caplog):
+    client, ids, sweep = store
+    for key, run_id in ids.items():
+        if key != "failed":
+            client.set_tag(run_id, "selection.metric", "cv/accuracy" if key == ("a", 0.1, 1) else "val/accuracy_best")
+    summarize(sweep)
+    assert "best_run_id" not in client.get_run(sweep).data.tags
+    assert "(val/accuracy_best: 5 runs, cv/accuracy: 1 run)" in caplog.text
+    report.write_report(client, "grid", tmp_path / "results")
+    assert (tmp_path / "results" / "runs.md").read_text().startswith("The runs were selected on different metrics")
+    client.set_tag(ids["a", 0.1, 1], "selection.metric", "val/accuracy_best")
+    summarize(sweep)
+    assert client.get_run(sweep).data.tags["best_run_id"] == ids["b", 0.01, 2]
+    report.write_report(client, "grid", tmp_path / "results")
+    assert not (tmp_path / "results" / "runs.md").read_text().startswith("The runs were")
 
 
 def test_report_marks_the_pareto_fronts_of_the_runs_that_logged_their_serving_cost(tracking_uri, tmp_path):
