@@ -271,10 +271,14 @@ class Plan:
         return fitted
 
     def _matched_epochs(self, ctx: Context, epochs: int) -> int:
-        """`epochs` on train, as an epoch count on train + validation with about the same number of steps."""
+        """`epochs` as selected, on train (or with k-fold CV on a fold's k - 1 parts of train + validation), as an
+        epoch count on train + validation with about the same number of steps."""
         sizes = {name: int(ctx.splits.get(name).cardinality()) for name in ("train", "validation")}
+        whole = sizes["train"] + sizes["validation"]
+        k = self.job.cv_folds
+        selected_on = whole * (k - 1) / k if k else sizes["train"]
         batches = lambda n: math.ceil(n * len(self.job.train_views) / self.job.batch_size)  # noqa: E731
-        return max(1, round(epochs * batches(sizes["train"]) / batches(sizes["train"] + sizes["validation"])))
+        return max(1, round(epochs * batches(selected_on) / batches(whole)))
 
 
 SHIFTED_VALIDATION = "shifted_validation"

@@ -12,6 +12,7 @@ from src.data import load_splits, make_batches
 from src.export import CLASSIFY_RESIZED
 from src.pipeline import run_job
 from src.spec import Job
+from src.stages import Context, Plan
 from src.views import predict_views, view
 from tests.conftest import compose_config
 from tests.tiny_backbone import save_tiny_backbone
@@ -129,6 +130,27 @@ def test_two_backbones_with_tta_training_views_and_refit_in_one_run(synthetic_cf
     tta = (resized + mirrored) / 2
     np.testing.assert_array_equal(tta.argmax(axis=1), logged["predicted"].to_numpy())
     np.testing.assert_allclose(tta.max(axis=1), logged["confidence"], atol=1e-4)
+
+
+@pytest.mark.parametrize("folds, refit_epochs", [(None, 5), (4, 6)])
+def test_a_refit_by_steps_runs_about_as_many_steps_as_the_selection(synthetic_cfg, folds, refit_epochs):
+    """8 epochs selected in batches of 8: 5 steps an epoch on the 40 train images, or 6 on a CV fold's 3/4 of
+    train + validation's 60; an epoch of the refit on all 60 is 8 steps."""
+    cfg = job(synthetic_cfg, batch_size=8, trainer={"refit": True, "refit_budget": "steps", "cv_folds": folds})
+    spec = Job.from_config(cfg)
+    assert Plan(spec)._matched_epochs(Context(spec, load_splits(cfg.data), None, None), 8) == refit_epochs
+
+
+def test_a_cross_validated_run_is_selected_on_its_folds_and_refits_for_their_epochs(synthetic_cfg, tmp_path):
+    cfg = job(synthetic_cfg, batch_size=8, epochs=6, trainer={"refit": True, "refit_budget": "steps", "cv_folds": 4})
+    run_job(cfg, tmp_path / "job")
+    run = logged_run()
+    metrics = run.data.metrics
+    assert run.data.tags["selection.metric"] == "cv/accuracy"
+    assert metrics["selection/score"] == metrics["cv/accuracy"] == pytest.approx(
+        np.mean([metrics[f"cv/fold{i}/accuracy"] for i in range(1, 5)]))
+    assert metrics["cv/accuracy_ci_low"] <= metrics["cv/accuracy"] <= metrics["cv/accuracy_ci_high"]
+    assert metrics["refit/stage1_epochs"] == max(1, round(metrics["cv/epochs"] * 6 / 8))
 
 
 def test_two_backbones_on_cached_features_match_training_through_the_images(synthetic_cfg, tiny_backbone, tmp_path):
