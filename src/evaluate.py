@@ -1,6 +1,7 @@
 """Evaluation of predicted probabilities against labels: accuracy and mean per-class accuracy, each with a 95 %
-interval (a seeded percentile bootstrap over the images, src/stats.py), top-5, loss, per-class accuracy, the
-confusion matrix and every image's prediction."""
+interval (a seeded percentile bootstrap over the images, src/stats.py), top-5, loss (the training loss, label
+smoothing included) and negative log-likelihood, per-class accuracy, the confusion matrix and every image's
+prediction."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ class Evaluation:
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The share of images whose most probable class is their label."""
     return float((probabilities.argmax(axis=1) == labels).mean())
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The mean cross-entropy of the labels, without label smoothing (so heads trained with and without it
+    compare), in float64; probabilities clipped at Keras's epsilon."""
+    picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
+    return float(-np.log(np.clip(picked, keras.config.epsilon(), 1.0)).mean())
 
 
 def interval_metrics(correct: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
@@ -52,7 +60,8 @@ def evaluation(probabilities: np.ndarray, labels: np.ndarray, class_names: list[
 
     metrics = {**interval_metrics(predicted == labels, labels, f"{split}/"),
                f"{split}/top5_accuracy": float((top5 == labels[:, None]).any(axis=1).mean()),
-               f"{split}/loss": float(loss(tf.one_hot(labels, num_classes), probabilities))}
+               f"{split}/loss": float(loss(tf.one_hot(labels, num_classes), probabilities)),
+               f"{split}/nll": negative_log_likelihood(probabilities, labels)}
     predictions = pd.DataFrame({"label": labels, "predicted": predicted,
                                 "confidence": probabilities[np.arange(len(labels)), predicted]})
     predictions.index.name = "index"

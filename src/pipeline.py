@@ -134,8 +134,8 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     # before a refit, which retrains layers that the selected model shares with it
     validation = _evaluate(job, inputs, selected, "validation")
     # val/accuracy and val/loss name the per-epoch curves: the selected epoch's are val/accuracy_best, val/loss_at_best
-    metrics |= _selection_metrics(selected.curves, job.select_on) | {k: v for k, v in validation.metrics.items()
-                                                                    if k not in ("val/accuracy", "val/loss")}
+    metrics |= _selection_metrics(selected.curves, job.select_on, len(validation.predictions)) | {
+        k: v for k, v in validation.metrics.items() if k not in ("val/accuracy", "val/loss")}
     if len(job.tta) > 1:
         metrics["val/accuracy_tta"] = accuracy(*selected.predict("validation", job.tta))
     if job.measure_shifts:
@@ -153,10 +153,12 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     return Trained(final, selected.curves, validation, metrics)
 
 
-def _selection_metrics(curves: pd.DataFrame, select_on: str) -> dict[str, float]:
-    """The selected epoch (or grid value): the first with the best val accuracy (or selection value)."""
+def _selection_metrics(curves: pd.DataFrame, select_on: str, images: int) -> dict[str, float]:
+    """The selected epoch (or grid value): the first with the best val accuracy (or selection value). The accuracy
+    is put back on its grid of right answers / `images`: Keras reports it in float32 and scikit-learn in float64,
+    so the same count of right answers did not tie (0.92058825 against 0.92058824)."""
     best = curves[selection_column(curves)].idxmax()
-    metrics = {"val/accuracy_best": float(curves.loc[best, "val/accuracy"]),
+    metrics = {"val/accuracy_best": round(float(curves.loc[best, "val/accuracy"]) * images) / images,
                "val/loss_at_best": float(curves.loc[best, "val/loss"]), f"best_{curves.index.name}": best}
     if select_on != "clean":
         shifted = float(curves.loc[best, "val/shifted_accuracy"])

@@ -3,8 +3,8 @@ runs table they all read.
 
 A run's score is what it is selected on: its k-fold cross-validation accuracy on train + validation when it ran
 one (trainer.cv_folds), else its val accuracy at the selected epoch: on validation as it is, on the shifted
-validation images, or their mean (trainer.select_on). Its loss is the matching loss. Runs are ordered by score
-(higher first), then loss (lower first), then start time (earlier first), so that no tie is ever broken by hand.
+validation images, or their mean (trainer.select_on). Its loss is the matching loss: the CV loss, else the
+selected model's negative log-likelihood on validation as it is. Runs are ordered by score (higher first), then loss (lower first), then start time (earlier first), so that no tie is ever broken by hand.
 Only runs selected on the same metric compare: no best is named among runs of several. Test metrics play no
 part.
 """
@@ -65,11 +65,13 @@ OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_bes
 
 def objective(metrics: dict[str, float], select_on: str = "clean") -> tuple[str, dict[str, float]]:
     """The name of the metric a run is selected on, and its score and loss, from the run's selection metrics.
-    `select_on` (trainer.select_on) picks validation as it is, shifted, or their mean."""
+    `select_on` (trainer.select_on) picks validation as it is, shifted, or their mean. Without CV the loss is the
+    selected model's validation NLL (no label smoothing, which would make a smoothed head lose every tie to an
+    unsmoothed one), on validation as it is whatever `select_on`."""
     if "cv/accuracy" in metrics:
         return "cv/accuracy", {SCORE: metrics["cv/accuracy"], LOSS: metrics["cv/loss"]}
     name = OBJECTIVES[select_on]
-    return name, {SCORE: metrics[name], LOSS: metrics["val/loss_at_best"]}
+    return name, {SCORE: metrics[name], LOSS: metrics["val/nll"]}
 
 
 def mixed_metrics(metrics: pd.Series) -> str | None:

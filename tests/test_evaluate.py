@@ -32,6 +32,11 @@ def test_metrics_per_class_accuracy_and_confusion_matrix():
     assert result.metrics["test/top5_accuracy"] == pytest.approx(8 / 10)  # class 5 is sixth
     expected_loss = -np.mean(np.log(scores[labels]))
     assert result.metrics["test/loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert result.metrics["test/nll"] == pytest.approx(expected_loss, rel=1e-6)
+    smoothed = evaluation(*predict_batches(constant_model(scores), batches(labels)), list("abcdef"),
+                          keras.losses.CategoricalCrossentropy(label_smoothing=0.1))
+    assert smoothed.metrics["test/loss"] != pytest.approx(expected_loss, rel=1e-3)  # smoothed targets weigh every class
+    assert smoothed.metrics["test/nll"] == result.metrics["test/nll"]
     assert result.confusion[:, 0].tolist() == [4, 1, 1, 1, 1, 2] and result.confusion.sum() == 10
     assert result.per_class["accuracy"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert result.per_class["images"].tolist() == [4, 1, 1, 1, 1, 2]
@@ -44,6 +49,7 @@ def test_a_class_without_test_images_has_no_accuracy_rather_than_zero():
                       keras.losses.CategoricalCrossentropy())
     assert set(result.metrics) == {"test/accuracy", "test/accuracy_ci_low", "test/accuracy_ci_high",
                                    "test/mean_class_accuracy", "test/mean_class_accuracy_ci_low",
-                                   "test/mean_class_accuracy_ci_high", "test/top5_accuracy", "test/loss"}
+                                   "test/mean_class_accuracy_ci_high", "test/top5_accuracy", "test/loss",
+                                   "test/nll"}
     assert result.metrics["test/mean_class_accuracy"] == 0.5  # a right, b wrong; c has no image and is left out
     assert np.isnan(result.per_class["accuracy"][2])

@@ -76,8 +76,8 @@ def test_grid_sweep_runs_every_combination_under_one_parent_with_a_summary(tmp_p
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="summary.csv"))
     assert len(summary) == 8 and summary["selection/score"].is_monotonic_decreasing
     assert {a.path for a in client.list_artifacts(parent_id)} == {"summary.csv", "summary.md"}
-    # the best by hand: the highest val accuracy, then the lowest val loss, then the earliest
-    ranked = sorted(((r["metrics.val/accuracy_best"], -r["metrics.val/loss_at_best"], -r["start_time"].timestamp(),
+    # the best by hand: the highest val accuracy, then the lowest val NLL, then the earliest
+    ranked = sorted(((r["metrics.val/accuracy_best"], -r["metrics.val/nll"], -r["start_time"].timestamp(),
                       r["run_id"]) for _, r in jobs.iterrows()), reverse=True)
     best = jobs.set_index("run_id").loc[ranked[0][3]]
     parent_run = client.get_run(parent_id)
