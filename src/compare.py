@@ -2,6 +2,7 @@
 
 A training run logs `test_predictions.csv` and `validation_predictions.csv`: each image of the split by its index,
 with its label, the model's top-1 (with the run's test-time views) and, when those are several, its one-view top-1.
+Validation's are the selected model's, before any refit (which trains on validation).
 Two runs compare only if they saw the same images: the same dataset, version and split, and the same labels in
 the same order.
 """

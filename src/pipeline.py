@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import features, plots, selection, shifts, spec, stats, track
 from src.backbone import load_backbone
 from src.data import Splits, load_splits, make_batches
-from src.evaluate import Evaluation, accuracy, evaluation
+from src.evaluate import Evaluation, evaluation
 from src.export import export_saved_model, log_pyfunc_model, serving_cost
 from src.model import Network
 from src.spec import Job
@@ -48,7 +48,7 @@ def prepare(cfg: DictConfig) -> tuple[Job, Inputs]:
     configure_cpu_devices(job.cpu_devices)  # before anything starts TensorFlow's devices
     strategy = make_strategy(job.strategy, job.tf_config)
     splits = load_splits(job.data)
-    if job.select_on != "clean" or job.measure_shifts:
+    if job.selects_on_shifts or job.measure_shifts:
         splits = splits.with_sample(SHIFTED_VALIDATION, "validation", job.shift_per_class, shifts.SEED)
     if job.measure_shifts:
         splits = splits.with_sample(SHIFTED_TEST, "test", job.shift_per_class, shifts.SEED)
@@ -121,7 +121,7 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     if job.uses_feature_cache:
         views = {"train": job.train_views, "validation": {*job.tta, *(job.train_views if job.refit or job.cv_folds else ())},
                  "test": job.tta}
-        if job.select_on != "clean" or job.measure_shifts:
+        if job.selects_on_shifts or job.measure_shifts:
             views[SHIFTED_VALIDATION] = shifted_views(job.tta if job.measure_shifts else ("identity",))
         if job.measure_shifts:
             views[SHIFTED_TEST] = shifted_views(job.tta)
@@ -136,8 +136,11 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     # val/accuracy and val/loss name the per-epoch curves: the selected epoch's are val/accuracy_best, val/loss_at_best
     metrics |= _selection_metrics(selected.curves, job.select_on, len(validation.predictions)) | {
         k: v for k, v in validation.metrics.items() if k not in ("val/accuracy", "val/loss")}
-    if len(job.tta) > 1:
-        metrics["val/accuracy_tta"] = accuracy(*selected.predict("validation", job.tta))
+    if len(job.tta) > 1:  # validation_predictions.csv then holds both top-1s, as test_predictions.csv does
+        served = _evaluate(job, inputs, selected, "validation", job.tta)
+        metrics["val/accuracy_tta"] = served.metrics["val/accuracy"]
+        served.predictions["predicted_single_view"] = validation.predictions["predicted"]
+        validation = served
     if job.measure_shifts:
         metrics |= shifted_metrics(job, selected, SHIFTED_VALIDATION, "shifted/val/")
     cv = plan.cross_validate(ctx, job.cv_folds) if job.cv_folds else None
@@ -160,7 +163,9 @@ def _selection_metrics(curves: pd.DataFrame, select_on: str, images: int) -> dic
     best = curves[selection_column(curves)].idxmax()
     metrics = {"val/accuracy_best": round(float(curves.loc[best, "val/accuracy"]) * images) / images,
                "val/loss_at_best": float(curves.loc[best, "val/loss"]), f"best_{curves.index.name}": best}
-    if select_on != "clean":
+    if select_on == "served":
+        metrics["val/served_accuracy_best"] = float(curves.loc[best, "val/served_accuracy"])
+    elif select_on != "clean":
         shifted = float(curves.loc[best, "val/shifted_accuracy"])
         metrics |= {"val/shifted_accuracy_best": shifted, "val/mean_accuracy_best": (metrics["val/accuracy_best"] + shifted) / 2}
     if curves.index.name == "epoch":

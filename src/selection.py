@@ -3,10 +3,11 @@ runs table they all read.
 
 A run's score is what it is selected on: its k-fold cross-validation accuracy on train + validation when it ran
 one (trainer.cv_folds), else its val accuracy at the selected epoch: on validation as it is, on the shifted
-validation images, or their mean (trainer.select_on). Its loss is the matching loss: the CV loss, else the
-selected model's negative log-likelihood on validation as it is. Runs are ordered by score (higher first), then loss (lower first), then start time (earlier first), so that no tie is ever broken by hand.
-Only runs selected on the same metric compare: no best is named among runs of several. Test metrics play no
-part.
+validation images, their mean, or through the model's test-time views, as it is served (trainer.select_on). Its
+loss is the matching loss: the CV loss, else the selected model's negative log-likelihood on validation as it is.
+Runs are ordered by score (higher first), then loss (lower first), then start time (earlier first), so that no
+tie is ever broken by hand. Only runs selected on the same metric compare: no best is named among runs of
+several. Test metrics play no part.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ RESULTS = {"tags.optuna.trial": "trial", f"metrics.{SCORE}": SCORE, f"metrics.{L
            "metrics.val/accuracy_best": "val/accuracy_best", "metrics.val/accuracy_ci_low": "val/accuracy_ci_low",
            "metrics.val/accuracy_ci_high": "val/accuracy_ci_high", "metrics.val/loss_at_best": "val/loss_at_best",
            "metrics.val/accuracy_tta": "val/accuracy_tta", "metrics.val/shifted_accuracy_best": "val/shifted_accuracy",
+           "metrics.val/served_accuracy_best": "val/served_accuracy",
            "metrics.cv/accuracy": "cv/accuracy", "metrics.cv/epochs": "cv/epochs",
            "metrics.refit/stage1_epochs": "refit/epochs",
            "metrics.test/accuracy": "test/accuracy", "metrics.test/accuracy_ci_low": "test/accuracy_ci_low",
@@ -60,12 +62,13 @@ NOT_CONFIGURATION = ("params.seed", "params.optuna_trial", "params.paths.", "par
 INTEGERS = ("batch_size", "seed", "epochs_trained", "best_epoch", "cv/epochs", "refit/epochs", PASSES)
 
 
-OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_best", "mean": "val/mean_accuracy_best"}
+OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_best", "mean": "val/mean_accuracy_best",
+              "served": "val/served_accuracy_best"}
 
 
 def objective(metrics: dict[str, float], select_on: str = "clean") -> tuple[str, dict[str, float]]:
     """The name of the metric a run is selected on, and its score and loss, from the run's selection metrics.
-    `select_on` (trainer.select_on) picks validation as it is, shifted, or their mean. Without CV the loss is the
+    `select_on` (trainer.select_on) picks validation as it is, shifted, their mean, or through the test-time views. Without CV the loss is the
     selected model's validation NLL (no label smoothing, which would make a smoothed head lose every tie to an
     unsmoothed one), on validation as it is whatever `select_on`."""
     if "cv/accuracy" in metrics:

@@ -24,7 +24,7 @@ from src.config import CONF_DIR, UserError, check
 from src.views import parse_views
 
 HEADS = ("dense", "logistic_regression")
-SELECT_ON = ("clean", "shifted", "mean")
+SELECT_ON = ("clean", "shifted", "mean", "served")
 REFIT_BUDGETS = ("epochs", "steps")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -123,7 +123,8 @@ class Job:
     finetune: Finetune | None
     refit: str | None  # None, or the budget a refit on train + validation replays: "epochs" or "steps"
     cv_folds: int | None  # k-fold cross-validation on train + validation selects, instead of validation alone
-    select_on: str  # clean, shifted or mean: validation as it is, under the shifts of src/shifts.py, or their mean
+    select_on: str  # clean, shifted, mean or served: validation as it is, under the shifts of src/shifts.py, their
+    # mean, or through the model's test-time views (model.tta), as the model is served
     shift_per_class: int  # the shifted validation and test sets: this many images of each class
     measure_shifts: bool  # measure the selected model on the shifted validation sample, the final one on shifted test
     feature_cache: bool
@@ -145,6 +146,11 @@ class Job:
     @property
     def backbone_label(self) -> str:
         return "+".join(b.name for b in self.backbones)
+
+    @property
+    def selects_on_shifts(self) -> bool:
+        """Whether selection reads the shifted validation sample (trainer.select_on shifted or mean)."""
+        return self.select_on in ("shifted", "mean")
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -346,9 +352,10 @@ def _check_combinations(job: Job) -> None:
         raise UserError("trainer.cv_folds does not cross-validate fine-tuning; set finetune.enabled=false, "
                         "or trainer.cv_folds=null")
     if job.select_on != "clean" and (not job.uses_feature_cache or job.finetune or job.cv_folds):
-        raise UserError(f"trainer.select_on={job.select_on} selects on cached features of the shifted validation "
-                        "images: keep the backbones frozen, augmentation off, finetune.enabled=false and "
-                        "trainer.cv_folds=null, or use trainer.select_on=clean")
+        images = "test-time views" if job.select_on == "served" else "shifted validation images"
+        raise UserError(f"trainer.select_on={job.select_on} selects on cached features of the {images}: keep the "
+                        "backbones frozen, augmentation off, finetune.enabled=false and trainer.cv_folds=null, or use "
+                        "trainer.select_on=clean")
     if job.head.kind == "logistic_regression":
         if not job.uses_feature_cache:
             raise UserError("model=logistic_regression trains on cached features: keep the backbone frozen, "

@@ -99,7 +99,7 @@ class DenseHead:
             validation = rnd.validation and _feature_batches(ctx.features.get(rnd.validation), job.batch_size)
             callbacks, monitor = rnd.callbacks, "val_accuracy"
             if rnd.validation and job.select_on != "clean":
-                callbacks = (ShiftedValidation(head, ctx.features, job.select_on), *callbacks)
+                callbacks = (SelectionValidation(head, ctx.features, job), *callbacks)
                 monitor = "val_selection"
             history = fit(head, train, validation, Schedule(epochs, patience, monitor=monitor), callbacks, job.verbose)
             model, predict = network.classifier(head), _feature_predictor(head, ctx.features, job.batch_size)
@@ -130,7 +130,7 @@ class LogisticRegressionHead:
         x, y = features.stack(rnd.train, job.train_views)
         x = prepared(x)
         grid = [budget["C"]] if budget else sorted(job.head.c_grid)
-        shifted = shifted_validation(features) if rnd.validation and job.select_on != "clean" else None
+        sample = selection_sample(features, job) if rnd.validation and job.select_on != "clean" else None
         rows, models = [], []
         for c in grid:
             classifier = LogisticRegression(C=c, max_iter=job.head.max_iter, tol=job.head.tol).fit(x, y)
@@ -139,11 +139,11 @@ class LogisticRegressionHead:
             if rnd.validation:
                 row |= _scores(classifier, prepared(features.get(rnd.validation)[0]),
                                features.get(rnd.validation)[1], ctx.num_classes, "val")
-                if shifted is not None:
-                    row["val/shifted_accuracy"] = _scores(classifier, prepared(shifted[0]), shifted[1],
-                                                          ctx.num_classes, "shifted")["shifted/accuracy"]
-                    row["val/selection"] = selection_value(job.select_on, row["val/accuracy"],
-                                                           row["val/shifted_accuracy"])
+                if sample is not None:
+                    other = sample_accuracy(lambda x: _probabilities(classifier, prepared(x), ctx.num_classes),
+                                            *sample)
+                    row[f"val/{SAMPLE_METRIC[job.select_on]}"] = other
+                    row["val/selection"] = selection_value(job.select_on, row["val/accuracy"], other)
             rows.append(row)
             models.append(classifier)
             log.info("logistic regression C=%g: %s", c, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -172,9 +172,15 @@ class LogisticRegressionHead:
         return head
 
 
-def _scores(classifier: LogisticRegression, x: np.ndarray, y: np.ndarray, num_classes: int, prefix: str) -> dict:
-    probabilities = np.full((len(y), num_classes), 1e-12)
+def _probabilities(classifier: LogisticRegression, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """Every class's probability, a class the classifier never saw at 1e-12."""
+    probabilities = np.full((len(x), num_classes), 1e-12)
     probabilities[:, classifier.classes_] = classifier.predict_proba(x)
+    return probabilities
+
+
+def _scores(classifier: LogisticRegression, x: np.ndarray, y: np.ndarray, num_classes: int, prefix: str) -> dict:
+    probabilities = _probabilities(classifier, x, num_classes)
     return {f"{prefix}/accuracy": float((probabilities.argmax(axis=1) == y).mean()),
             f"{prefix}/loss": float(-np.log(probabilities[np.arange(len(y)), y]).mean())}
 
@@ -289,29 +295,44 @@ def selection_column(curves: pd.DataFrame) -> str:
     return "val/selection" if "val/selection" in curves else "val/accuracy"
 
 
-def selection_value(select_on: str, clean: float, shifted: float) -> float:
-    return {"clean": clean, "shifted": shifted, "mean": (clean + shifted) / 2}[select_on]
+# trainer.select_on -> the accuracy it reads besides validation as it is, named val/<this> per epoch
+SAMPLE_METRIC = {"shifted": "shifted_accuracy", "mean": "shifted_accuracy", "served": "served_accuracy"}
 
 
-def shifted_validation(features: Features) -> tuple[np.ndarray, np.ndarray]:
-    """The shifted validation sample's features under every condition, stacked, and their labels."""
+def selection_value(select_on: str, clean: float, other: float) -> float:
+    return {"clean": clean, "shifted": other, "mean": (clean + other) / 2, "served": other}[select_on]
+
+
+def selection_sample(features: Features, job: Job) -> tuple[list[np.ndarray], np.ndarray]:
+    """What selection reads besides validation as it is, as features per view and labels: the shifted validation
+    sample under every condition, stacked into one array (all conditions together are their mean: each holds
+    the same images); or, for select_on=served, validation through each of the model's test-time views."""
+    if job.select_on == "served":
+        return [features.get("validation", view)[0] for view in job.tta], features.labels["validation"]
     names = [v for split, v in features.arrays if split == SHIFTED_VALIDATION and v.startswith("shift:")]
-    return features.stack((SHIFTED_VALIDATION,), names)
+    stacked, labels = features.stack((SHIFTED_VALIDATION,), names)
+    return [stacked], labels
 
 
-class ShiftedValidation(keras.callbacks.Callback):
-    """After each epoch, the head's accuracy on the shifted validation sample (all conditions together, which is
-    their mean: each holds the same images) as val_shifted_accuracy, and what selects as val_selection."""
+def sample_accuracy(predict, views: list[np.ndarray], labels: np.ndarray) -> float:
+    """The accuracy of the mean of `predict`'s probabilities over the views, as a served model averages them."""
+    probabilities = np.mean([predict(x) for x in views], axis=0)
+    return float((probabilities.argmax(axis=1) == labels).mean())
 
-    def __init__(self, head: keras.Model, features: Features, select_on: str):
+
+class SelectionValidation(keras.callbacks.Callback):
+    """After each epoch, the head's accuracy on selection_sample as val_shifted_accuracy or val_served_accuracy,
+    and what selects as val_selection."""
+
+    def __init__(self, head: keras.Model, features: Features, job: Job):
         super().__init__()
-        self.head, self.select_on = head, select_on
-        self.features, self.labels = shifted_validation(features)
+        self.head, self.select_on = head, job.select_on
+        self.views, self.labels = selection_sample(features, job)
 
     def on_epoch_end(self, epoch, logs=None):
-        probabilities = self.head.predict(self.features, batch_size=4096, verbose=0)
-        logs["val_shifted_accuracy"] = float((probabilities.argmax(axis=1) == self.labels).mean())
-        logs["val_selection"] = selection_value(self.select_on, logs["val_accuracy"], logs["val_shifted_accuracy"])
+        other = sample_accuracy(lambda x: self.head.predict(x, batch_size=4096, verbose=0), self.views, self.labels)
+        logs[f"val_{SAMPLE_METRIC[self.select_on]}"] = other
+        logs["val_selection"] = selection_value(self.select_on, logs["val_accuracy"], other)
 
 
 def _curves(history: keras.callbacks.History, first: int = 0) -> pd.DataFrame:

@@ -34,7 +34,7 @@ SWEEP_RUN_ENV = "FLOWERS_SWEEP_RUN_ID"
 # Keras history keys -> the metric names shared by tracking, sweeps, registry and reports.
 EPOCH_METRICS = {"loss": "train/loss", "accuracy": "train/accuracy", "val_loss": "val/loss",
                  "val_accuracy": "val/accuracy", "val_shifted_accuracy": "val/shifted_accuracy",
-                 "val_selection": "val/selection"}
+                 "val_served_accuracy": "val/served_accuracy", "val_selection": "val/selection"}
 
 
 def retry_on_race(create, attempts: int = 3):

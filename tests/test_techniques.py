@@ -132,6 +132,32 @@ def test_two_backbones_with_tta_training_views_and_refit_in_one_run(synthetic_cf
     np.testing.assert_allclose(tta.max(axis=1), logged["confidence"], atol=1e-4)
 
 
+@pytest.mark.parametrize("head", ["default", "logistic_regression"])
+def test_select_on_served_selects_the_epoch_or_c_on_validation_through_the_test_time_views(synthetic_cfg, tmp_path,
+                                                                                         head):
+    """The served model averages its views' probabilities; selection on one view could not tell a TTA run from
+    the same run without TTA."""
+    cfg = job(synthetic_cfg, epochs=5, model={"tta": "flip"}, trainer={"select_on": "served"})
+    if head == "logistic_regression":
+        cfg.model = compose_config("model=logistic_regression", "model.c_grid=[0.01,1,100]", "model.tta=flip").model
+    metrics = run_job(cfg, tmp_path / "job")
+    run = logged_run()
+    assert run.data.tags["selection.metric"] == "val/served_accuracy_best"
+    assert ("best_C" in metrics) == (head == "logistic_regression")
+    assert metrics["selection/score"] == metrics["val/served_accuracy_best"]
+    assert metrics["val/served_accuracy_best"] == pytest.approx(metrics["val/accuracy_tta"])  # the selected model's
+    predictions = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                  artifact_path="validation_predictions.csv"))
+    assert (predictions["predicted"] == predictions["label"]).mean() == pytest.approx(metrics["val/accuracy_tta"])
+    assert (predictions["predicted_single_view"] == predictions["label"]).mean() == pytest.approx(
+        metrics["val/accuracy_best"])
+    if head == "default":
+        history = {m.step: m.value for m in
+                   mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/served_accuracy")}
+        assert len(history) == metrics["epochs_trained"]
+        assert metrics["best_epoch"] == max(history, key=lambda step: (history[step], -step))
+
+
 @pytest.mark.parametrize("folds, refit_epochs", [(None, 5), (4, 6)])
 def test_a_refit_by_steps_runs_about_as_many_steps_as_the_selection(synthetic_cfg, folds, refit_epochs):
     """8 epochs selected in batches of 8: 5 steps an epoch on the 40 train images, or 6 on a CV fold's 3/4 of
