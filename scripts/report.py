@@ -3,11 +3,13 @@
     python scripts/report.py backbone_comparison          # or: make report EXPERIMENT=backbone_comparison
     python scripts/report.py optuna_search --optuna-storage postgresql://user:password@host/db
     python scripts/report.py beyond_frozen --from-runs experiments/beyond_frozen/results/runs.csv
+    python scripts/report.py beyond_frozen --from-comparisons DIR/comparisons.csv --out DIR
     python scripts/report.py beyond_frozen --out DIR --baseline model.head=logistic_regression --same backbone trainer.refit
 
 The experiment is an MLflow experiment, usually made by `python train.py -m experiment=<name>`. The store is
 MLFLOW_TRACKING_URI or the project's mlflow.db. The folder's previous results are replaced. With --from-runs,
-only the summary is written again, from an earlier report's runs.csv, and no store is read.
+only the summary is written again, from an earlier report's runs.csv, and no store is read; with
+--from-comparisons, only the comparisons, from an earlier report's comparisons.csv, with the rows over seeds.
 """
 
 from __future__ import annotations
@@ -35,14 +37,22 @@ def main(argv: list[str] | None = None) -> int:
                              "model.head=logistic_regression")
     parser.add_argument("--same", nargs="+", default=[], metavar="COLUMN",
                         help="with --baseline: the columns a configuration shares with its baseline, e.g. backbone")
-    parser.add_argument("--from-runs", type=Path, metavar="CSV",
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--from-runs", type=Path, metavar="CSV",
                         help="write summary.csv/.md again from this runs.csv, without the MLflow store")
+    source.add_argument("--from-comparisons", type=Path, metavar="CSV",
+                        help="write comparisons.csv/.md again from this comparisons.csv, with the rows over seeds, "
+                             "without the MLflow store")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out or PROJECT_ROOT / "experiments" / args.experiment / "results"
     if args.from_runs:
         files = report.write_summary(args.from_runs, out)
         print(f"summary of {args.from_runs} in {out}: {', '.join(files)}")
+        return 0
+    if args.from_comparisons:
+        files = report.write_comparisons(args.from_comparisons, out)
+        print(f"comparisons of {args.from_comparisons} in {out}: {', '.join(files)}")
         return 0
     cli.config()
     baseline = report.declared_baseline(args.baseline, args.same) if args.baseline else None

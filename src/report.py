@@ -11,6 +11,7 @@ configuration shares with the baseline it is compared with (e.g. its backbones).
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import mlflow
@@ -182,7 +183,41 @@ def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -
         for view in ("as served", "one view") if one_view else ("as served",):
             rows += _compare_group(group, base, predictions, view == "one view",
                                    {"configuration": label, "baseline": base_label, "view": view})
-    return pd.DataFrame(rows)
+    return with_seed_rows(pd.DataFrame(rows))
+
+
+def with_seed_rows(compared: pd.DataFrame) -> pd.DataFrame:
+    """`compared` (comparisons.csv's rows) with, after each comparison's per-seed and pooled rows, one row over
+    the seeds (stats.seed_comparison) when it has several; over-seeds rows already there are made again."""
+    if compared.empty:
+        return compared
+    compared = compared[~compared["seed"].astype(str).str.startswith("over seeds")]
+    parts = []
+    for keys, group in compared.groupby(["configuration", "baseline", "view"], sort=False, dropna=False):
+        parts.append(group)
+        per_seed = group[~group["seed"].astype(str).str.startswith("pooled")]
+        if len(per_seed) > 1:
+            paired = stats.seed_comparison([stats.Paired(**{f.name: row[f.name] for f in fields(stats.Paired)})
+                                            for _, row in per_seed.iterrows()])
+            parts.append(pd.DataFrame([{**dict(zip(("configuration", "baseline", "view"), keys)),
+                                        "seed": f"over seeds ({len(per_seed)})", "baseline_seed": "per seed",
+                                        **paired.as_dict()}]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_comparisons(comparisons_csv: Path, out_dir: Path) -> list[str]:
+    """comparisons.csv and comparisons.md again from an earlier report's comparisons.csv, with the rows over
+    seeds, without the MLflow store; the folder's other files are left as they are. Returns the file names."""
+    if not comparisons_csv.is_file():
+        raise UserError(f"{comparisons_csv} does not exist; give the comparisons.csv of an earlier report")
+    labels = ("configuration", "baseline", "seed", "baseline_seed")
+    compared = pd.read_csv(comparisons_csv, dtype=dict.fromkeys(labels, str))
+    compared = with_seed_rows(compared.fillna(dict.fromkeys(labels, "")))  # empty labels as a report has them
+    with files.replaced(out_dir / "comparisons.csv") as staging:
+        compared.to_csv(staging, index=False)
+    with files.replaced(out_dir / "comparisons.md") as staging:
+        staging.write_text(_comparisons_markdown(compared))
+    return ["comparisons.csv", "comparisons.md"]
 
 
 def _compare_group(group: pd.DataFrame, base: pd.DataFrame, predictions: dict, one_view: bool,
@@ -351,7 +386,10 @@ def _comparisons_markdown(compared: pd.DataFrame) -> str:
     shown["p_value"] = shown["p_value"].map(lambda p: f"{p:.2g}")
     note = ("Differences are B − A in points of test accuracy (B: the configuration, A: the baseline), with a 95 % "
             "paired-bootstrap interval over the test images. p: McNemar's exact test per seed; a sign-flip "
-            "permutation test of the per-image differences for the pooled rows.\n\n")
+            "permutation test of the per-image differences for the pooled rows. The over-seeds rows take the "
+            "per-seed differences as a sample of training runs: their mean, a Student's t interval and a "
+            "one-sample t-test; they count how much training runs vary, which the pooled interval over images "
+            "leaves out, and are wide with few seeds.\n\n")
     return note + shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 

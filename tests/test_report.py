@@ -185,7 +185,7 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
     compared = report.comparisons(report.experiment_runs(client, "techniques"), table, declared)
     assert "per-image predictions: 100%" in capsys.readouterr().err  # one download per run, shown as they go
     served = compared[compared["view"] == "as served"].set_index("seed")
-    assert list(served.index) == ["1", "2", "pooled (2)"] and set(compared["baseline_seed"]) >= {"1"}
+    assert list(served.index) == ["1", "2", "pooled (2)", "over seeds (2)"] and set(compared["baseline_seed"]) >= {"1"}
     # seed 1 is right on 10 images the baseline gets wrong, and wrong on none it gets right: McNemar's exact
     # two-sided p is 2 x 0.5^10
     assert served.loc["1", "difference"] == pytest.approx(0.10) and served.loc["1", "p_value"] == pytest.approx(2 / 1024)
@@ -193,8 +193,13 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
     assert 0.03 <= served.loc["1", "ci_low"] <= 0.06 and 0.15 <= served.loc["1", "ci_high"] <= 0.17
     assert served.loc["2", "difference"] == 0 and served.loc["2", "p_value"] == 1
     assert served.loc["pooled (2)", "difference"] == pytest.approx(0.05)  # each of the 10 images right in 1 of 2
+    # over the seeds' differences 0.10 and 0: mean 0.05, standard error 0.05, t(0.975, 1 df) = 12.706, t = 1
+    over_seeds = served.loc["over seeds (2)"]
+    assert over_seeds["difference"] == pytest.approx(0.05) and over_seeds["p_value"] == pytest.approx(0.5)
+    assert over_seeds["ci_low"] == pytest.approx(0.05 - 12.706 * 0.05, abs=1e-3)
+    assert over_seeds["ci_high"] == pytest.approx(0.05 + 12.706 * 0.05, abs=1e-3)
     one_view = compared[compared["view"] == "one view"]
-    assert list(one_view["difference"]) == [0, 0, 0]  # one view, both seeds are the baseline's predictions
+    assert list(one_view["difference"]) == [0, 0, 0, 0]  # one view, both seeds are the baseline's predictions
     assert set(compared["configuration"]) == {"a"}
     assert set(compared["baseline"]) == {"a, logistic regression"}
 
@@ -211,6 +216,15 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
                                   pd.read_csv(tmp_path / "results" / "summary.csv"))
     with pytest.raises(UserError, match="does not exist; give the runs.csv of an earlier report"):
         report.write_summary(tmp_path / "missing.csv", tmp_path / "again")
+    # the comparisons again from the committed comparisons.csv, without the over-seeds rows: the same rows back
+    written = pd.read_csv(tmp_path / "results" / "comparisons.csv", dtype={"seed": str})
+    written[~written["seed"].str.startswith("over seeds")].to_csv(tmp_path / "older.csv", index=False)
+    assert report.write_comparisons(tmp_path / "older.csv", tmp_path / "again") == ["comparisons.csv",
+                                                                                   "comparisons.md"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "comparisons.csv"),
+                                  pd.read_csv(tmp_path / "results" / "comparisons.csv"))
+    with pytest.raises(UserError, match="does not exist; give the comparisons.csv of an earlier report"):
+        report.write_comparisons(tmp_path / "missing.csv", tmp_path / "again")
     assert "+10.00" in (tmp_path / "results" / "comparisons.md").read_text()
 
     log_predictions(client, other, tmp_path, first_90, version="v2")  # retagged: evaluated on other images
@@ -427,3 +441,15 @@ def test_make_report_without_an_experiment_or_with_an_unknown_one_says_what_to_d
                              capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 1
     assert unknown.stderr.strip().splitlines()[-1].startswith("error: no MLflow experiment 'nope'")
+
+
+def test_rows_over_seeds_keep_every_comparison_a_configuration_label_may_be_empty():
+    """A configuration that differs from its baseline in no shown column has an empty label (NaN in a CSV)."""
+    rows = [{"configuration": np.nan, "baseline": "refit", "view": "as served", "seed": str(seed),
+             "baseline_seed": str(seed), "n": 100, "accuracy_a": 0.8, "accuracy_b": 0.8 + d, "difference": d,
+             "ci_low": d - 0.05, "ci_high": d + 0.05, "p_value": 0.5, "test": "McNemar exact"}
+            for seed, d in ((1, 0.02), (2, 0.04))]
+    compared = report.with_seed_rows(pd.DataFrame(rows))
+    assert list(compared["seed"]) == ["1", "2", "over seeds (2)"] and compared["configuration"].isna().all()
+    assert compared["difference"].iloc[-1] == pytest.approx(0.03)
+    assert report.with_seed_rows(compared).equals(compared)  # made again, not added twice

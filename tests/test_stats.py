@@ -67,3 +67,16 @@ def test_the_t_interval_of_a_few_values():
     half = 4.302653 * 1 / np.sqrt(3)  # t(0.975, 2 degrees of freedom) x sd / sqrt(n)
     assert (mean, low, high) == (2.0, pytest.approx(2 - half), pytest.approx(2 + half))
     assert np.isnan(stats.t_interval([0.9])[1])
+
+
+def test_the_comparison_over_seeds_is_a_t_interval_and_test_on_the_per_seed_differences():
+    per_seed = [stats.Paired(100, 0.80, 0.80 + d, d, d - 0.05, d + 0.05, 0.5, "McNemar exact")
+                for d in (0.02, 0.04, 0.06)]
+    over = stats.seed_comparison(per_seed)
+    # mean 0.04, standard error 0.02 / sqrt(3), t(0.975, 2 df) = 4.303; t = 0.04 / 0.01155 = 3.46, p = 0.074
+    assert over.difference == pytest.approx(0.04) and over.accuracy_b == pytest.approx(0.84) and over.n == 100
+    assert (over.ci_low, over.ci_high) == pytest.approx((0.04 - 4.303 * 0.02 / 3 ** 0.5,
+                                                         0.04 + 4.303 * 0.02 / 3 ** 0.5), abs=1e-4)
+    assert over.p_value == pytest.approx(0.0742, abs=1e-3)
+    same = stats.seed_comparison(per_seed[:1] * 2)  # no spread between seeds: no test
+    assert same.difference == pytest.approx(0.02) and np.isnan(same.p_value)
