@@ -31,6 +31,9 @@ class Predictions:
 
     def correct(self, one_view: bool = False) -> np.ndarray:
         column = "predicted_single_view" if one_view and "predicted_single_view" in self.frame else "predicted"
+        if column not in self.frame:
+            raise UserError(f"run {self.run_id} logged its {self.split} predictions with one view only, before they "
+                            "held its test-time views; compare with --one-view")
         return (self.frame[column] == self.frame["label"]).to_numpy()
 
 
@@ -48,7 +51,11 @@ def load_predictions(run_id: str, split: str = "test") -> Predictions:
                         "trained by this version of the project") from None
     tags = run.data.tags
     dataset = " ".join(tags.get(key, "?") for key in ("dataset", "dataset_version", SPLIT_TAGS[split]))
-    return Predictions(run_id, split, dataset, pd.read_csv(path, index_col="index"))
+    frame = pd.read_csv(path, index_col="index")
+    if split == "validation" and "val/accuracy_tta" in run.data.metrics and "predicted_single_view" not in frame:
+        # logged before validation's file held the served top-1: its one column is the one-view top-1
+        frame = frame.rename(columns={"predicted": "predicted_single_view"})
+    return Predictions(run_id, split, dataset, frame)
 
 
 def check_same_images(a: Predictions, b: Predictions) -> None:

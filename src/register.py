@@ -10,13 +10,12 @@ import logging
 from dataclasses import dataclass
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
-
-import pandas as pd
 
 from src import selection, track
 from src.config import UserError
@@ -60,14 +59,20 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
         where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
     if selection_metric:
         where.append(f"tags.`{selection.METRIC_TAG}` = '{selection_metric}'")
-    runs = client.search_runs([experiment.experiment_id], " and ".join(where),
-                              max_results=SEARCH_MAX_RESULTS_THRESHOLD, order_by=selection.ORDER_BY)
+    def search(conditions: list[str], limit: int) -> list[Run]:
+        return client.search_runs([experiment.experiment_id], " and ".join(conditions), max_results=limit,
+                                  order_by=selection.ORDER_BY)
+
+    runs = search(where, SEARCH_MAX_RESULTS_THRESHOLD if limits else 1)
     scope = f"sweep {sweep_run_id}" if sweep_run_id else f"experiment '{experiment_name}'"
     if not runs:
         chosen = f" selected on {selection_metric}" if selection_metric else ""
         raise UserError(f"no finished run{chosen} with {selection.SCORE} in {scope}; train first (make train)")
-    mixed = selection.mixed_metrics(pd.Series([run.data.tags.get(selection.METRIC_TAG) for run in runs]))
-    if mixed:
+    metric = runs[0].data.tags.get(selection.METRIC_TAG)
+    other = f"tags.`{selection.METRIC_TAG}` != '{metric}'" if metric else f"tags.`{selection.METRIC_TAG}` LIKE '%'"
+    if search([*where, other], 1):  # only then every run, to name their metrics
+        every = search(where, SEARCH_MAX_RESULTS_THRESHOLD)
+        mixed = selection.mixed_metrics(pd.Series([run.data.tags.get(selection.METRIC_TAG) for run in every]))
         raise UserError(f"the finished runs in {scope} were selected on different metrics ({mixed}), whose scores "
                         "do not compare; choose among one: --selection-metric <metric>")
     return _within_limits(runs, limits) if limits else runs[0]

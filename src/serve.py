@@ -162,10 +162,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket (the workers share it), as uvicorn binds it but made with proto=IPPROTO_TCP, bound and
     listening before the model loads, so a taken port is a one-line error at once (with SO_REUSEADDR, a second
     server could bind a port that is bound but not yet listening). Connections that come while the model loads
-    wait in the backlog. asyncio turns Nagle's
-    algorithm off (TCP_NODELAY) only on connections whose socket says TCP, and uvicorn's own (proto 0) made every
-    keep-alive request after the first wait about 40 ms for a delayed ACK: a 64 ms p50 at concurrency 1 with
-    serve.workers=2 against 15 ms with one (uvicorn#3149)."""
+    wait in the backlog. asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections whose socket says
+    TCP, and uvicorn's own (proto 0) made every keep-alive request after the first wait about 40 ms for a delayed
+    ACK: a 64 ms p50 at concurrency 1 with serve.workers=2 against 15 ms with one (uvicorn#3149)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -291,7 +291,8 @@ SHIFTED_VALIDATION = "shifted_validation"
 
 
 def selection_column(curves: pd.DataFrame) -> str:
-    """The curve that selects: val/selection when the job selects on shifted validation too, else val/accuracy."""
+    """The curve that selects: val/selection when the job selects on more than validation as it is (shifted, or
+    through its test-time views), else val/accuracy."""
     return "val/selection" if "val/selection" in curves else "val/accuracy"
 
 

@@ -127,7 +127,10 @@ def seed_comparison(per_seed: list[Paired]) -> Paired:
     training runs of one configuration vary; the images stay the same. With 2 or 3 seeds it is wide."""
     differences = np.array([paired.difference for paired in per_seed])
     mean, low, high = t_interval(differences)
-    p_value = float(stats.ttest_1samp(differences, 0.0).pvalue) if differences.std() > 0 else float("nan")
+    if differences.std() == 0:  # seeds that all differ alike (a deterministic head) measure no spread
+        low = high = p_value = float("nan")
+    else:
+        p_value = float(stats.ttest_1samp(differences, 0.0).pvalue)
     return Paired(per_seed[0].n, float(np.mean([p.accuracy_a for p in per_seed])),
                   float(np.mean([p.accuracy_b for p in per_seed])), mean, low, high, p_value,
                   f"one-sample t over {len(per_seed)} seeds")

@@ -98,16 +98,17 @@ def summarize(parent_run_id: str) -> pd.DataFrame:
     """Log the job table and the best job to the parent run; return the table."""
     client = mlflow.MlflowClient()
     table = job_table(parent_run_id)
+    finished = selection.finished(table)
+    mixed = selection.mixed_metrics(finished["selection_metric"])
+    note = f"The jobs were selected on different metrics ({mixed}), whose scores do not compare.\n\n" if mixed else ""
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "summary.csv", index=False)
-        (Path(tmp) / "summary.md").write_text(selection.markdown(table.drop(columns=["run_id"]),
-                                                                       selection.configuration_columns(table)))
+        (Path(tmp) / "summary.md").write_text(note + selection.markdown(table.drop(columns=["run_id"]),
+                                                                              selection.configuration_columns(table)))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.csv"))
         client.log_artifact(parent_run_id, str(Path(tmp) / "summary.md"))
-    finished = selection.finished(table)
     client.log_metric(parent_run_id, "jobs", len(table))
     client.log_metric(parent_run_id, "jobs_failed", int((table["status"] == "FAILED").sum()))
-    mixed = selection.mixed_metrics(finished["selection_metric"])
     if mixed:
         log.warning("the jobs were selected on different metrics (%s), whose scores do not compare: no best job; "
                     "register one with make register-best ARGS=\"--sweep %s --selection-metric <metric>\"",

@@ -83,6 +83,31 @@ def test_compare_prints_the_paired_figures_as_json(runs):
     assert one_view["accuracy_b"] == pytest.approx(ids["dense", "metrics"]["test/accuracy_single_view"])
     on_validation = json.loads(compare(uri, ids["baseline"], ids["dense"], "--json", "--split", "validation").stdout)
     assert on_validation["n"] == 80  # 20 validation images of each of 4 classes
+    assert on_validation["accuracy_b"] == pytest.approx(ids["dense", "metrics"]["val/accuracy_tta"])  # as served
+    one_view = json.loads(compare(uri, ids["baseline"], ids["dense"], "--json", "--split", "validation",
+                                  "--one-view").stdout)
+    assert one_view["accuracy_b"] == pytest.approx(ids["dense", "metrics"]["val/accuracy_best"])
+
+
+def test_a_validation_file_from_before_it_held_the_test_time_views_compares_with_one_view_only(runs, tmp_path):
+    uri, ids = runs
+    mlflow.set_tracking_uri(uri)
+    dense = mlflow.get_run(ids["dense"])
+    frame = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=ids["dense"],
+                                                            artifact_path="validation_predictions.csv"))
+    frame.drop(columns="predicted").rename(columns={"predicted_single_view": "predicted"}).to_csv(
+        tmp_path / "validation_predictions.csv", index=False)
+    with mlflow.start_run(experiment_id=dense.info.experiment_id, tags=dense.data.tags) as older:
+        mlflow.log_metric("val/accuracy_tta", dense.data.metrics["val/accuracy_tta"])
+        mlflow.log_artifact(str(tmp_path / "validation_predictions.csv"))
+    served = compare(uri, ids["baseline"], older.info.run_id, "--split", "validation")
+    assert served.returncode == 1
+    assert served.stderr.strip().splitlines()[-1] == (
+        f"error: run {older.info.run_id} logged its validation predictions with one view only, before they held "
+        "its test-time views; compare with --one-view")
+    one_view = json.loads(compare(uri, ids["baseline"], older.info.run_id, "--json", "--split", "validation",
+                                  "--one-view").stdout)
+    assert one_view["accuracy_b"] == pytest.approx(ids["dense", "metrics"]["val/accuracy_best"])
 
 
 def test_runs_on_different_images_are_refused_in_one_line(runs):

@@ -32,7 +32,7 @@ def log_run(saved_model, tracking_uri):
     def log(val_accuracy, val_loss=1.0, parent=None, with_model=True, validation="validation",
             metric="val/accuracy_best", cost=None):
         tags = {"backbone": "tiny", "dataset": "synthetic", "dataset_version": "v1", "git_commit": "abc",
-                "validation_split": validation, "selection.metric": metric}
+                "validation_split": validation, **({"selection.metric": metric} if metric else {})}
         if parent:
             tags["mlflow.parentRunId"] = parent
         with mlflow.start_run(tags=tags) as run:
@@ -144,6 +144,9 @@ def test_runs_selected_on_different_metrics_are_not_ranked_together_until_one_me
     assert outcome.champion.run_id == cross_validated
     with pytest.raises(UserError, match="no finished run selected on cv/accuracy2"):
         register.best_run(client, EXPERIMENT, selection_metric="cv/accuracy2")
+    log_run(0.99, metric=None)  # logged by another tool: the best score, and no selection.metric tag
+    with pytest.raises(UserError, match=r"no selection.metric tag: 1 run"):
+        register.best_run(client, EXPERIMENT)
 
 
 def test_a_sweep_scope_picks_the_best_of_that_sweeps_jobs(log_run):

@@ -276,6 +276,8 @@ def test_with_runs_selected_on_different_metrics_the_sweep_names_no_best_job_and
             client.set_tag(run_id, "selection.metric", "cv/accuracy" if key == ("a", 0.1, 1) else "val/accuracy_best")
     summarize(sweep)
     assert "best_run_id" not in client.get_run(sweep).data.tags
+    summary_md = mlflow.artifacts.download_artifacts(run_id=sweep, artifact_path="summary.md", dst_path=str(tmp_path))
+    assert open(summary_md).read().startswith("The jobs were selected on different metrics")
     assert "(val/accuracy_best: 5 runs, cv/accuracy: 1 run)" in caplog.text
     report.write_report(client, "grid", tmp_path / "results")
     assert (tmp_path / "results" / "runs.md").read_text().startswith("The runs were selected on different metrics")

@@ -78,5 +78,6 @@ def test_the_comparison_over_seeds_is_a_t_interval_and_test_on_the_per_seed_diff
     assert (over.ci_low, over.ci_high) == pytest.approx((0.04 - 4.303 * 0.02 / 3 ** 0.5,
                                                          0.04 + 4.303 * 0.02 / 3 ** 0.5), abs=1e-4)
     assert over.p_value == pytest.approx(0.0742, abs=1e-3)
-    same = stats.seed_comparison(per_seed[:1] * 2)  # no spread between seeds: no test
-    assert same.difference == pytest.approx(0.02) and np.isnan(same.p_value)
+    same = stats.seed_comparison(per_seed[:1] * 2)  # no spread between seeds: no interval and no test
+    assert same.difference == pytest.approx(0.02)
+    assert np.isnan(same.ci_low) and np.isnan(same.ci_high) and np.isnan(same.p_value)

@@ -1,6 +1,9 @@
 """Beyond the frozen linear head: several backbones, test-time augmentation, training views, refit on
 train + validation, and fine-tuning in two stages; on synthetic data and tiny backbones."""
 
+from types import SimpleNamespace
+
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -10,9 +13,10 @@ import tensorflow as tf
 from src.config import UserError
 from src.data import load_splits, make_batches
 from src.export import CLASSIFY_RESIZED
-from src.pipeline import run_job
+from src.features import Features
+from src.pipeline import _selection_metrics, run_job
 from src.spec import Job
-from src.stages import Context, Plan
+from src.stages import Context, Plan, SelectionValidation
 from src.views import predict_views, view
 from tests.conftest import compose_config
 from tests.tiny_backbone import save_tiny_backbone
@@ -156,6 +160,26 @@ def test_select_on_served_selects_the_epoch_or_c_on_validation_through_the_test_
                    mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/served_accuracy")}
         assert len(history) == metrics["epochs_trained"]
         assert metrics["best_epoch"] == max(history, key=lambda step: (history[step], -step))
+
+
+def test_served_selection_scores_the_mean_of_the_views_probabilities():
+    """Two images of classes 0 and 1; one view gets image 1 wrong, the mean with its mirror gets it right."""
+    head = keras.Sequential([keras.Input((2,)), keras.layers.Activation("softmax")])
+    features = Features({("validation", "identity"): np.array([[1.0, 0.0], [1.0, 0.0]]),
+                         ("validation", "flip"): np.array([[1.0, 0.0], [0.0, 5.0]])},
+                        {"validation": np.array([0, 1])}, (2,))
+    logs = {"val_accuracy": 0.5}
+    job = SimpleNamespace(select_on="served", tta=("identity", "flip"))
+    SelectionValidation(head, features, job).on_epoch_end(0, logs)
+    assert logs["val_served_accuracy"] == logs["val_selection"] == 1.0
+
+
+def test_the_selected_accuracy_is_right_answers_over_images_whatever_the_float_it_came_in():
+    curves = pd.DataFrame({"val/accuracy": [np.float32(40 / 51), np.float32(47 / 51)], "val/loss": [0.5, 0.3]},
+                          index=pd.RangeIndex(1, 3, name="epoch"))
+    assert float(np.float32(47 / 51)) != 47 / 51  # what Keras logs, and scikit-learn's float64 did not tie with
+    metrics = _selection_metrics(curves, "clean", 51)
+    assert metrics["val/accuracy_best"] == 47 / 51 and metrics["best_epoch"] == 2
 
 
 @pytest.mark.parametrize("folds, refit_epochs", [(None, 5), (4, 6)])
