@@ -59,6 +59,7 @@ def best_run(client: mlflow.MlflowClient, experiment_name: str, sweep_run_id: st
         where.append(f"tags.mlflow.parentRunId = '{sweep_run_id}'")
     if selection_metric:
         where.append(f"tags.`{selection.METRIC_TAG}` = '{selection_metric}'")
+
     def search(conditions: list[str], limit: int) -> list[Run]:
         return client.search_runs([experiment.experiment_id], " and ".join(conditions), max_results=limit,
                                   order_by=selection.ORDER_BY)

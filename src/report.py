@@ -257,9 +257,11 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
         raise UserError(f"experiment '{experiment_name}' has no finished run with {SCORE}; "
                         "see runs.csv's status and error columns in the MLflow UI (make ui)")
     best = client.get_run(done.iloc[0]["run_id"])
-    if mixed := selection.mixed_metrics(done["selection_metric"]):
-        log.warning("the runs were selected on different metrics (%s), whose scores do not compare: the order of "
-                    "runs.csv, the best run's figures and the Pareto fronts mix them", mixed)
+    mixed = selection.mixed_metrics(done["selection_metric"])
+    mixed_note = (f"The runs were selected on different metrics ({mixed}), whose scores do not compare; the order "
+                  "of runs.csv, the best run's figures and the Pareto fronts mix them.") if mixed else ""
+    if mixed:
+        log.warning(mixed_note)
     summary = summarize_configurations(table)
     baseline = baseline if baseline is not None else baseline_declaration(experiment_name)
     compared = comparisons(runs, table, baseline) if baseline is not None else None
@@ -270,9 +272,8 @@ def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Pat
         with files.replaced(out_dir, folder=True) as staging:
             configuration = configuration_columns(table)
             table.to_csv(staging / "runs.csv", index=False)
-            mixed_note = (f"The runs were selected on different metrics ({mixed}), whose scores do not compare; "
-                          "this order mixes them.\n\n") if mixed else ""
-            (staging / "runs.md").write_text(mixed_note + markdown(table.drop(columns=["run_id"]), configuration))
+            (staging / "runs.md").write_text((mixed_note + "\n\n" if mixed else "")
+                                             + markdown(table.drop(columns=["run_id"]), configuration))
             summary.to_csv(staging / "summary.csv", index=False)
             (staging / "summary.md").write_text(markdown(_readable(summary), configuration))
             if compared is not None:

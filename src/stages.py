@@ -29,6 +29,7 @@ from sklearn.linear_model import LogisticRegression
 
 from src import track
 from src.data import Splits, make_batches
+from src.evaluate import accuracy
 from src.features import Features
 from src.model import Network, build_head, normalization, predict_batches
 from src.spec import Job
@@ -317,8 +318,7 @@ def selection_sample(features: Features, job: Job) -> tuple[list[np.ndarray], np
 
 def sample_accuracy(predict, views: list[np.ndarray], labels: np.ndarray) -> float:
     """The accuracy of the mean of `predict`'s probabilities over the views, as a served model averages them."""
-    probabilities = np.mean([predict(x) for x in views], axis=0)
-    return float((probabilities.argmax(axis=1) == labels).mean())
+    return accuracy(np.mean([predict(x) for x in views], axis=0), labels)
 
 
 class SelectionValidation(keras.callbacks.Callback):
