@@ -158,8 +158,9 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
 
 def _selection_metrics(curves: pd.DataFrame, select_on: str, images: int) -> dict[str, float]:
     """The selected epoch (or grid value): the first with the best val accuracy (or selection value). The accuracy
-    is put back on its grid of right answers / `images`: Keras reports it in float32 and scikit-learn in float64,
-    so the same count of right answers did not tie (0.92058825 against 0.92058824)."""
+    is put back on its grid of right answers / `images`: trained through the images, Keras reports it in float32
+    and scikit-learn in float64, so the same count of right answers did not tie (0.92058825 against 0.92058824).
+    On cached features the curve already holds it in float64 (stages.HeldOutScores)."""
     best = curves[selection_column(curves)].idxmax()
     metrics = {"val/accuracy_best": round(float(curves.loc[best, "val/accuracy"]) * images) / images,
                "val/loss_at_best": float(curves.loc[best, "val/loss"]), f"best_{curves.index.name}": best}

@@ -69,10 +69,10 @@ OBJECTIVES = {"clean": "val/accuracy_best", "shifted": "val/shifted_accuracy_bes
 def objective(metrics: dict[str, float], select_on: str = "clean") -> tuple[str, dict[str, float]]:
     """The name of the metric a run is selected on, and its score and loss, from the run's selection metrics.
     `select_on` (trainer.select_on) picks validation as it is, shifted, their mean, or through the test-time
-    views. Without CV the loss is the selected model's validation NLL (no label smoothing, which would make a
-    smoothed head lose every tie to an unsmoothed one), on validation as it is whatever `select_on`. With CV the
-    score and loss are the folds' Keras curves for a dense head (float32, smoothed loss) and float64 NLL for
-    logistic regression, so ties between the two heads are not broken fairly there."""
+    views. The loss is a negative log-likelihood without label smoothing (which would make a smoothed head lose
+    every tie to an unsmoothed one): without CV the selected model's on validation as it is whatever
+    `select_on`, with CV the folds' mean at the selected budget. Accuracies are right answers / images in
+    float64 for either head, so the same count ties."""
     if "cv/accuracy" in metrics:
         return "cv/accuracy", {SCORE: metrics["cv/accuracy"], LOSS: metrics["cv/loss"]}
     name = OBJECTIVES[select_on]

@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 
 from src import track
 from src.data import Splits, make_batches
-from src.evaluate import accuracy
+from src.evaluate import accuracy, negative_log_likelihood
 from src.features import Features
 from src.model import Network, build_head, normalization, predict_batches
 from src.spec import Job
@@ -102,6 +102,8 @@ class DenseHead:
             if rnd.validation and job.select_on != "clean":
                 callbacks = (SelectionValidation(head, ctx.features, job), *callbacks)
                 monitor = "val_selection"
+            if rnd.validation:  # first, so that the callbacks after it read its val_accuracy
+                callbacks = (HeldOutScores(head, *ctx.features.get(rnd.validation)), *callbacks)
             history = fit(head, train, validation, Schedule(epochs, patience, monitor=monitor), callbacks, job.verbose)
             model, predict = network.classifier(head), _feature_predictor(head, ctx.features, job.batch_size)
         else:
@@ -181,9 +183,10 @@ def _probabilities(classifier: LogisticRegression, x: np.ndarray, num_classes: i
 
 
 def _scores(classifier: LogisticRegression, x: np.ndarray, y: np.ndarray, num_classes: int, prefix: str) -> dict:
+    """Accuracy and loss, as a Keras head's curves name them; a logistic regression's loss is its NLL."""
     probabilities = _probabilities(classifier, x, num_classes)
-    return {f"{prefix}/accuracy": float((probabilities.argmax(axis=1) == y).mean()),
-            f"{prefix}/loss": float(-np.log(probabilities[np.arange(len(y)), y]).mean())}
+    nll = negative_log_likelihood(probabilities, y)
+    return {f"{prefix}/accuracy": accuracy(probabilities, y), f"{prefix}/loss": nll, f"{prefix}/nll": nll}
 
 
 class FineTune:
@@ -259,12 +262,12 @@ class Plan:
         for i, fold in enumerate(ctx.features.folds(k, self.job.seed, self.job.train_views), start=1):
             keras.utils.set_random_seed(self.job.seed)
             fitted = head.fit(dataclasses.replace(ctx, features=fold), Round(early_stopping=False), budget, None)
-            curves.append(fitted.curves[["val/accuracy", "val/loss"]])
+            curves.append(fitted.curves[["val/accuracy", "val/loss", "val/nll"]])
             log.info("fold %d/%d: best val accuracy %.4f", i, k, fitted.curves["val/accuracy"].max())
         mean = sum(curves) / k
         best = mean["val/accuracy"].idxmax()
         key = "epochs" if isinstance(head, DenseHead) else "C"
-        return CrossValidation(float(mean.loc[best, "val/accuracy"]), float(mean.loc[best, "val/loss"]),
+        return CrossValidation(float(mean.loc[best, "val/accuracy"]), float(mean.loc[best, "val/nll"]),
                                [float(c.loc[best, "val/accuracy"]) for c in curves],
                                {key: int(best) if key == "epochs" else float(best)}, mean)
 
@@ -336,8 +339,27 @@ class SelectionValidation(keras.callbacks.Callback):
         logs["val_selection"] = selection_value(self.select_on, logs["val_accuracy"], other)
 
 
+class HeldOutScores(keras.callbacks.Callback):
+    """After each epoch, the head's val_accuracy as right answers / images in float64 (Keras's is float32, and the
+    same count then does not tie with a logistic regression's) and its val_nll without label smoothing: what
+    cross-validation averages over the folds, so that both heads' folds are scored alike."""
+
+    def __init__(self, head: keras.Model, features: np.ndarray, labels: np.ndarray):
+        super().__init__()
+        self.head, self.features, self.labels = head, features, labels
+
+    def on_epoch_end(self, epoch, logs=None):
+        probabilities = keras.ops.convert_to_numpy(self.head(self.features, training=False))
+        logs["val_accuracy"] = accuracy(probabilities, self.labels)
+        logs["val_nll"] = negative_log_likelihood(probabilities, self.labels)
+
+
+# val_nll is not one of the metrics logged per epoch: under the name val/nll it would hide the run's own val/nll
+_CURVE_NAMES = {**track.EPOCH_METRICS, "val_nll": "val/nll"}
+
+
 def _curves(history: keras.callbacks.History, first: int = 0) -> pd.DataFrame:
-    curves = pd.DataFrame(history.history).rename(columns=track.EPOCH_METRICS)
+    curves = pd.DataFrame(history.history).rename(columns=_CURVE_NAMES)
     curves.index = pd.RangeIndex(first + 1, first + 1 + len(curves), name="epoch")
     return curves
 

@@ -16,7 +16,7 @@ from src.export import CLASSIFY_RESIZED
 from src.features import Features
 from src.pipeline import _selection_metrics, run_job
 from src.spec import Job
-from src.stages import Context, Plan, SelectionValidation
+from src.stages import Context, HeldOutScores, Plan, SelectionValidation
 from src.views import predict_views, view
 from tests.conftest import compose_config
 from tests.tiny_backbone import save_tiny_backbone
@@ -174,6 +174,17 @@ def test_served_selection_scores_the_mean_of_the_views_probabilities():
     assert logs["val_served_accuracy"] == logs["val_selection"] == 1.0
 
 
+def test_held_out_scores_are_right_answers_over_images_and_the_nll_without_smoothing():
+    """Three images, the first two right: 2/3 in float64 (Keras's float32 is another float), and the NLL of the
+    labels' probabilities, whatever loss the head trained with."""
+    head = keras.Sequential([keras.Input((3,)), keras.layers.Activation("softmax")])
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.4, 0.1]]))
+    logs = {"val_accuracy": float(np.float32(2 / 3)), "val_loss": 9.0}
+    HeldOutScores(head, logits, np.array([0, 1, 1])).on_epoch_end(0, logs)
+    assert float(np.float32(2 / 3)) != 2 / 3 and logs["val_accuracy"] == 2 / 3
+    assert logs["val_nll"] == pytest.approx(-np.mean(np.log([0.7, 0.6, 0.4])), rel=1e-6)
+
+
 def test_the_selected_accuracy_is_right_answers_over_images_whatever_the_float_it_came_in():
     curves = pd.DataFrame({"val/accuracy": [np.float32(40 / 51), np.float32(47 / 51)], "val/loss": [0.5, 0.3]},
                           index=pd.RangeIndex(1, 3, name="epoch"))
@@ -201,6 +212,26 @@ def test_a_cross_validated_run_is_selected_on_its_folds_and_refits_for_their_epo
         np.mean([metrics[f"cv/fold{i}/accuracy"] for i in range(1, 5)]))
     assert metrics["cv/accuracy_ci_low"] <= metrics["cv/accuracy"] <= metrics["cv/accuracy_ci_high"]
     assert metrics["refit/stage1_epochs"] == max(1, round(metrics["cv/epochs"] * 6 / 8))
+
+
+@pytest.mark.parametrize("head", ["default", "logistic_regression"])
+def test_cross_validation_scores_both_heads_folds_alike(synthetic_cfg, tmp_path, head):
+    """The CV loss is the folds' NLL at the selected budget, not the label-smoothed loss a dense head trains on
+    (smoothing 0.5 here), so the two heads' runs compare; a logistic regression's loss already is its NLL. (That
+    each fold's accuracy is right answers / images in float64: test_held_out_scores_..., as the synthetic folds'
+    accuracies, multiples of 1/4, are floats either way.)"""
+    cfg = job(synthetic_cfg, batch_size=8, trainer={"cv_folds": 4}, model={"label_smoothing": 0.5})
+    if head == "logistic_regression":
+        cfg.model = compose_config("model=logistic_regression").model
+    metrics = run_job(cfg, tmp_path / "job")
+    assert metrics["cv/accuracy"] == np.mean([metrics[f"cv/fold{i}/accuracy"] for i in range(1, 5)])
+    curve = {m.step: m.value for m in
+             mlflow.MlflowClient().get_metric_history(logged_run().info.run_id, "cv/curve/val_loss")}
+    if head == "default":  # the smoothed loss of the folds' curves is far above their NLL
+        assert metrics["cv/loss"] < curve[metrics["cv/epochs"]] - 0.1
+    else:  # the curve's steps are the grid's values in order
+        step = sorted(cfg.model.c_grid).index(metrics["cv/C"]) + 1
+        assert metrics["cv/loss"] == pytest.approx(curve[step], rel=1e-9)
 
 
 def test_two_backbones_on_cached_features_match_training_through_the_images(synthetic_cfg, tiny_backbone, tmp_path):
