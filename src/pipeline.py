@@ -134,7 +134,7 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     # before a refit, which retrains layers that the selected model shares with it
     validation = _evaluate(job, inputs, selected, "validation")
     # val/accuracy and val/loss name the per-epoch curves: the selected epoch's are val/accuracy_best, val/loss_at_best
-    metrics |= _selection_metrics(selected.curves, job.select_on, len(validation.predictions)) | {
+    metrics |= _selection_metrics(selected.curves, job.select_on) | {
         k: v for k, v in validation.metrics.items() if k not in ("val/accuracy", "val/loss")}
     if len(job.tta) > 1:  # validation_predictions.csv then holds both top-1s, as test_predictions.csv does
         served = _evaluate(job, inputs, selected, "validation", job.tta)
@@ -156,13 +156,11 @@ def train(job: Job, inputs: Inputs, output_dir: Path, callbacks=()) -> Trained:
     return Trained(final, selected.curves, validation, metrics)
 
 
-def _selection_metrics(curves: pd.DataFrame, select_on: str, images: int) -> dict[str, float]:
-    """The selected epoch (or grid value): the first with the best val accuracy (or selection value). The accuracy
-    is put back on its grid of right answers / `images`: trained through the images, Keras reports it in float32
-    and scikit-learn in float64, so the same count of right answers did not tie (0.92058825 against 0.92058824).
-    On cached features the curve already holds it in float64 (stages.HeldOutScores)."""
+def _selection_metrics(curves: pd.DataFrame, select_on: str) -> dict[str, float]:
+    """The selected epoch (or grid value): the first with the best val accuracy (or selection value), in right
+    answers / images whatever the head (the stages' curves hold it so)."""
     best = curves[selection_column(curves)].idxmax()
-    metrics = {"val/accuracy_best": round(float(curves.loc[best, "val/accuracy"]) * images) / images,
+    metrics = {"val/accuracy_best": float(curves.loc[best, "val/accuracy"]),
                "val/loss_at_best": float(curves.loc[best, "val/loss"]), f"best_{curves.index.name}": best}
     if select_on == "served":
         metrics["val/served_accuracy_best"] = float(curves.loc[best, "val/served_accuracy"])
@@ -181,7 +179,8 @@ def _cv_metrics(cv: CrossValidation) -> dict[str, float]:
                **{f"cv/fold{i}/accuracy": a for i, a in enumerate(cv.fold_accuracies, start=1)},
                **{f"cv/{key}": value for key, value in cv.budget.items()}}
     for step, (budget, row) in enumerate(cv.curve.iterrows(), start=1):
-        mlflow.log_metrics({"cv/curve/val_accuracy": row["val/accuracy"], "cv/curve/val_loss": row["val/loss"]},
+        mlflow.log_metrics({"cv/curve/val_accuracy": row["val/accuracy"], "cv/curve/val_loss": row["val/loss"],
+                            "cv/curve/val_nll": row["val/nll"]},
                            step=int(budget) if cv.curve.index.name == "epoch" else step)
     return metrics
 

@@ -16,7 +16,7 @@ from src.export import CLASSIFY_RESIZED
 from src.features import Features
 from src.pipeline import _selection_metrics, run_job
 from src.spec import Job
-from src.stages import Context, HeldOutScores, Plan, SelectionValidation
+from src.stages import Context, HeldOutScores, Plan, SelectionValidation, _curves
 from src.views import predict_views, view
 from tests.conftest import compose_config
 from tests.tiny_backbone import save_tiny_backbone
@@ -185,12 +185,15 @@ def test_held_out_scores_are_right_answers_over_images_and_the_nll_without_smoot
     assert logs["val_nll"] == pytest.approx(-np.mean(np.log([0.7, 0.6, 0.4])), rel=1e-6)
 
 
-def test_the_selected_accuracy_is_right_answers_over_images_whatever_the_float_it_came_in():
-    curves = pd.DataFrame({"val/accuracy": [np.float32(40 / 51), np.float32(47 / 51)], "val/loss": [0.5, 0.3]},
-                          index=pd.RangeIndex(1, 3, name="epoch"))
-    assert float(np.float32(47 / 51)) != 47 / 51  # what Keras logs, and scikit-learn's float64 did not tie with
-    metrics = _selection_metrics(curves, "clean", 51)
-    assert metrics["val/accuracy_best"] == 47 / 51 and metrics["best_epoch"] == 2
+def test_curves_through_the_images_hold_right_answers_over_images_whatever_the_float_keras_logged():
+    """Keras's float32 47/51 is above the float64 47/51 of a cached head or a logistic regression: a fine-tuning
+    stage that only ties its first stage would beat it, and the selected accuracy would not tie either."""
+    logged = [float(np.float32(40 / 51)), float(np.float32(47 / 51))]
+    assert logged[1] > 47 / 51
+    curves = _curves(SimpleNamespace(history={"val_accuracy": logged, "val_loss": [0.5, 0.3]}), 3, 51)
+    assert list(curves["val/accuracy"]) == [40 / 51, 47 / 51] and list(curves.index) == [4, 5]
+    metrics = _selection_metrics(curves, "clean")
+    assert metrics["val/accuracy_best"] == 47 / 51 and metrics["best_epoch"] == 5
 
 
 @pytest.mark.parametrize("folds, refit_epochs", [(None, 5), (4, 6)])
@@ -217,21 +220,24 @@ def test_a_cross_validated_run_is_selected_on_its_folds_and_refits_for_their_epo
 @pytest.mark.parametrize("head", ["default", "logistic_regression"])
 def test_cross_validation_scores_both_heads_folds_alike(synthetic_cfg, tmp_path, head):
     """The CV loss is the folds' NLL at the selected budget, not the label-smoothed loss a dense head trains on
-    (smoothing 0.5 here), so the two heads' runs compare; a logistic regression's loss already is its NLL. (That
-    each fold's accuracy is right answers / images in float64: test_held_out_scores_..., as the synthetic folds'
-    accuracies, multiples of 1/4, are floats either way.)"""
+    (smoothing 0.5 here), so the two heads' runs compare; a logistic regression's loss already is its NLL. (Each
+    fold's accuracy as right answers / images in float64 is test_held_out_scores_...'s: the synthetic folds score
+    1.0, a float either way.)"""
     cfg = job(synthetic_cfg, batch_size=8, trainer={"cv_folds": 4}, model={"label_smoothing": 0.5})
     if head == "logistic_regression":
         cfg.model = compose_config("model=logistic_regression").model
     metrics = run_job(cfg, tmp_path / "job")
     assert metrics["cv/accuracy"] == np.mean([metrics[f"cv/fold{i}/accuracy"] for i in range(1, 5)])
-    curve = {m.step: m.value for m in
-             mlflow.MlflowClient().get_metric_history(logged_run().info.run_id, "cv/curve/val_loss")}
-    if head == "default":  # the smoothed loss of the folds' curves is far above their NLL
-        assert metrics["cv/loss"] < curve[metrics["cv/epochs"]] - 0.1
-    else:  # the curve's steps are the grid's values in order
-        step = sorted(cfg.model.c_grid).index(metrics["cv/C"]) + 1
-        assert metrics["cv/loss"] == pytest.approx(curve[step], rel=1e-9)
+    client, run_id = mlflow.MlflowClient(), logged_run().info.run_id
+    loss, nll = ({m.step: m.value for m in client.get_metric_history(run_id, f"cv/curve/{name}")}
+                 for name in ("val_loss", "val_nll"))
+    # the curves' steps are the epochs, or the grid's values in order
+    step = metrics["cv/epochs"] if head == "default" else sorted(cfg.model.c_grid).index(metrics["cv/C"]) + 1
+    assert metrics["cv/loss"] == nll[step]
+    if head == "default":  # the smoothed loss the folds trained on is far above their NLL
+        assert loss[step] > nll[step] + 0.1
+    else:
+        assert loss[step] == nll[step]
 
 
 def test_two_backbones_on_cached_features_match_training_through_the_images(synthetic_cfg, tiny_backbone, tmp_path):
