@@ -9,7 +9,8 @@
 The experiment is an MLflow experiment, usually made by `python train.py -m experiment=<name>`. The store is
 MLFLOW_TRACKING_URI or the project's mlflow.db. The folder's previous results are replaced. With --from-runs,
 only the summary is written again, from an earlier report's runs.csv, and no store is read; with
---from-comparisons, only the comparisons, from an earlier report's comparisons.csv, with the rows over seeds.
+--from-comparisons, only the comparisons, from an earlier report's comparisons.csv, with the rows over seeds and
+Holm's adjusted p-values.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--from-runs", type=Path, metavar="CSV",
                         help="write summary.csv/.md again from this runs.csv, without the MLflow store")
     source.add_argument("--from-comparisons", type=Path, metavar="CSV",
-                        help="write comparisons.csv/.md again from this comparisons.csv, with the rows over seeds, "
-                             "without the MLflow store")
+                        help="write comparisons.csv/.md again from this comparisons.csv, with the rows over seeds "
+                             "and Holm's adjusted p-values, without the MLflow store")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out or PROJECT_ROOT / "experiments" / args.experiment / "results"

@@ -183,7 +183,7 @@ def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -
         for view in ("as served", "one view") if one_view else ("as served",):
             rows += _compare_group(group, base, predictions, view == "one view",
                                    {"configuration": label, "baseline": base_label, "view": view})
-    return with_seed_rows(pd.DataFrame(rows))
+    return with_holm(with_seed_rows(pd.DataFrame(rows)))
 
 
 def with_seed_rows(compared: pd.DataFrame) -> pd.DataFrame:
@@ -205,14 +205,34 @@ def with_seed_rows(compared: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def with_holm(compared: pd.DataFrame) -> pd.DataFrame:
+    """`compared` with `p_holm` after `p_value`: each claim's p-value adjusted by Holm's method (stats.holm) within
+    its family. The claims over the images are the pooled rows and a comparison's only row when it has one seed;
+    the rows over seeds are a second family. A per-seed row of a comparison with several seeds is a part of its
+    pooled row, not a claim of its own, and gets none."""
+    if compared.empty:
+        return compared
+    compared = compared.drop(columns="p_holm", errors="ignore")
+    seed = compared["seed"].astype(str)
+    comparison = compared.groupby(["configuration", "baseline", "view"], sort=False, dropna=False).ngroup()
+    over_seeds = seed.str.startswith("over seeds")
+    over_images = seed.str.startswith("pooled") | (comparison.map(comparison.value_counts()) == 1)
+    p_holm = pd.Series(np.nan, index=compared.index)
+    for family in (over_images, over_seeds):
+        p_holm[family] = stats.holm(compared.loc[family, "p_value"])
+    compared.insert(compared.columns.get_loc("p_value") + 1, "p_holm", p_holm)
+    return compared
+
+
 def write_comparisons(comparisons_csv: Path, out_dir: Path) -> list[str]:
     """comparisons.csv and comparisons.md again from an earlier report's comparisons.csv, with the rows over
-    seeds, without the MLflow store; the folder's other files are left as they are. Returns the file names."""
+    seeds and the adjusted p-values, without the MLflow store; the folder's other files are left as they are. Returns the file names."""
     if not comparisons_csv.is_file():
         raise UserError(f"{comparisons_csv} does not exist; give the comparisons.csv of an earlier report")
     labels = ("configuration", "baseline", "seed", "baseline_seed")
     compared = pd.read_csv(comparisons_csv, dtype=dict.fromkeys(labels, str))
-    compared = with_seed_rows(compared.fillna(dict.fromkeys(labels, "")))  # empty labels as a report has them
+    compared = compared.fillna(dict.fromkeys(labels, ""))  # empty labels, as a report has them
+    compared = with_holm(with_seed_rows(compared))
     with files.replaced(out_dir / "comparisons.csv") as staging:
         compared.to_csv(staging, index=False)
     with files.replaced(out_dir / "comparisons.md") as staging:
@@ -384,13 +404,16 @@ def _comparisons_markdown(compared: pd.DataFrame) -> str:
         shown[column] = shown[column].map(lambda v: f"{v:.4f}")
     for column in ("difference", "ci_low", "ci_high"):
         shown[column] = (100 * shown[column]).map(lambda v: f"{v:+.2f}")
-    shown["p_value"] = shown["p_value"].map(lambda p: f"{p:.2g}")
+    for column in ("p_value", "p_holm"):
+        shown[column] = shown[column].map(lambda p: "" if pd.isna(p) else f"{p:.2g}")
     note = ("Differences are B − A in points of test accuracy (B: the configuration, A: the baseline), with a 95 % "
             "paired-bootstrap interval over the test images. p: McNemar's exact test per seed; a sign-flip "
             "permutation test of the per-image differences for the pooled rows. The over-seeds rows take the "
             "per-seed differences as a sample of training runs: their mean, a Student's t interval and a "
             "one-sample t-test; they count how much training runs vary, which the pooled interval over images "
-            "leaves out, and are wide with few seeds.\n\n")
+            "leaves out, and are wide with few seeds. p_holm: the p-value adjusted for the number of claims in "
+            "this table (Holm), one family for the rows over images (pooled, or a comparison's only seed) and one "
+            "for the rows over seeds; a per-seed row of a pooled comparison is not a claim of its own.\n\n")
     return note + shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 

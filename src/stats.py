@@ -7,6 +7,8 @@
 - Several seeds' differences on the same images, pooled: the mean difference per image, a paired-bootstrap
   interval over the images, and a sign-flip permutation test of the per-image differences.
 - A handful of values (seeds, folds): Student's t interval on their mean.
+- Many comparisons in one report: Holm's step-down adjustment of their p-values, so that the chance of calling
+  any true "no difference" a difference stays at 5 % however many are tested.
 """
 
 from __future__ import annotations
@@ -144,3 +146,15 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
         return mean, float("nan"), float("nan")
     half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return mean, float(mean - half), float(mean + half)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaN ones are left out of the family and stay NaN): the
+    i-th smallest of m is multiplied by m - i + 1, kept at least as large as the one before it, and capped at 1."""
+    p_values = np.asarray(p_values, dtype=float)
+    adjusted = np.full_like(p_values, np.nan)
+    tested = np.flatnonzero(~np.isnan(p_values))
+    order = tested[np.argsort(p_values[tested], kind="stable")]
+    factors = len(order) - np.arange(len(order))
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(factors * p_values[order]))
+    return adjusted

@@ -198,8 +198,16 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
     assert over_seeds["difference"] == pytest.approx(0.05) and over_seeds["p_value"] == pytest.approx(0.5)
     assert over_seeds["ci_low"] == pytest.approx(0.05 - 12.706 * 0.05, abs=1e-3)
     assert over_seeds["ci_high"] == pytest.approx(0.05 + 12.706 * 0.05, abs=1e-3)
-    one_view = compared[compared["view"] == "one view"]
+    one_view = compared[compared["view"] == "one view"].set_index("seed")
     assert list(one_view["difference"]) == [0, 0, 0, 0]  # one view, both seeds are the baseline's predictions
+    # Holm: the two pooled rows are one family of 2 claims, the rows over seeds another, in which one view's
+    # (no spread, no test) is not counted; the per-seed rows of a pooled comparison are not claims
+    assert one_view.loc["pooled (2)", "p_value"] == 1
+    assert served.loc["pooled (2)", "p_holm"] == pytest.approx(min(1, 2 * served.loc["pooled (2)", "p_value"]))
+    assert one_view.loc["pooled (2)", "p_holm"] == 1
+    assert over_seeds["p_holm"] == pytest.approx(0.5) and np.isnan(one_view.loc["over seeds (2)", "p_holm"])
+    assert compared[compared["seed"].isin(["1", "2"])]["p_holm"].isna().all()
+    assert list(compared.columns).index("p_holm") == list(compared.columns).index("p_value") + 1
     assert set(compared["configuration"]) == {"a"}
     assert set(compared["baseline"]) == {"a, logistic regression"}
 
@@ -455,3 +463,7 @@ def test_rows_over_seeds_keep_every_comparison_a_configuration_label_may_be_empt
     assert list(compared["seed"]) == ["1", "2", "over seeds (2)"] and compared["configuration"].isna().all()
     assert compared["difference"].iloc[-1] == pytest.approx(0.03)
     assert report.with_seed_rows(compared).equals(compared)  # made again, not added twice
+    adjusted = report.with_holm(compared)
+    assert report.with_holm(adjusted).equals(adjusted)
+    single = report.with_holm(pd.DataFrame(rows[:1]))  # one seed: its only row is the comparison's claim
+    assert single["p_holm"].tolist() == [0.5]

@@ -81,3 +81,13 @@ def test_the_comparison_over_seeds_is_a_t_interval_and_test_on_the_per_seed_diff
     same = stats.seed_comparison(per_seed[:1] * 2)  # no spread between seeds: no interval and no test
     assert same.difference == pytest.approx(0.02)
     assert np.isnan(same.ci_low) and np.isnan(same.ci_high) and np.isnan(same.p_value)
+
+
+def test_holm_multiplies_the_ith_smallest_of_m_p_values_by_m_minus_i_plus_one_and_keeps_them_in_order():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> raised to the 0.06 before it
+    assert list(stats.holm([0.01, 0.04, 0.03, 0.005])) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert list(stats.holm([0.3, 0.6])) == pytest.approx([0.6, 0.6])  # capped at 1 only when it is over
+    assert list(stats.holm([0.7, 0.9])) == [1.0, 1.0]
+    adjusted = stats.holm([0.02, np.nan, 0.04])  # a comparison without a test is not counted in the family
+    assert list(adjusted[[0, 2]]) == pytest.approx([0.04, 0.04]) and np.isnan(adjusted[1])
+    assert len(stats.holm([])) == 0
