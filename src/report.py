@@ -226,7 +226,8 @@ def with_holm(compared: pd.DataFrame) -> pd.DataFrame:
 
 def write_comparisons(comparisons_csv: Path, out_dir: Path) -> list[str]:
     """comparisons.csv and comparisons.md again from an earlier report's comparisons.csv, with the rows over
-    seeds and the adjusted p-values, without the MLflow store; the folder's other files are left as they are. Returns the file names."""
+    seeds and the adjusted p-values, without the MLflow store; the folder's other files are left as they are.
+    Returns the file names."""
     if not comparisons_csv.is_file():
         raise UserError(f"{comparisons_csv} does not exist; give the comparisons.csv of an earlier report")
     labels = ("configuration", "baseline", "seed", "baseline_seed")
@@ -404,8 +405,8 @@ def _comparisons_markdown(compared: pd.DataFrame) -> str:
         shown[column] = shown[column].map(lambda v: f"{v:.4f}")
     for column in ("difference", "ci_low", "ci_high"):
         shown[column] = (100 * shown[column]).map(lambda v: f"{v:+.2f}")
-    for column in ("p_value", "p_holm"):
-        shown[column] = shown[column].map(lambda p: "" if pd.isna(p) else f"{p:.2g}")
+    shown["p_value"] = shown["p_value"].map(lambda p: f"{p:.2g}")
+    shown["p_holm"] = shown["p_holm"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")  # 0.0501 is not 0.05
     note = ("Differences are B − A in points of test accuracy (B: the configuration, A: the baseline), with a 95 % "
             "paired-bootstrap interval over the test images. p: McNemar's exact test per seed; a sign-flip "
             "permutation test of the per-image differences for the pooled rows. The over-seeds rows take the "
@@ -413,7 +414,8 @@ def _comparisons_markdown(compared: pd.DataFrame) -> str:
             "one-sample t-test; they count how much training runs vary, which the pooled interval over images "
             "leaves out, and are wide with few seeds. p_holm: the p-value adjusted for the number of claims in "
             "this table (Holm), one family for the rows over images (pooled, or a comparison's only seed) and one "
-            "for the rows over seeds; a per-seed row of a pooled comparison is not a claim of its own.\n\n")
+            "for the rows over seeds, each family held to at most 5 % false claims; a per-seed row of a pooled "
+            "comparison is not a claim of its own.\n\n")
     return note + shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 

@@ -7,8 +7,8 @@
 - Several seeds' differences on the same images, pooled: the mean difference per image, a paired-bootstrap
   interval over the images, and a sign-flip permutation test of the per-image differences.
 - A handful of values (seeds, folds): Student's t interval on their mean.
-- Many comparisons in one report: Holm's step-down adjustment of their p-values, so that the chance of calling
-  any true "no difference" a difference stays at 5 % however many are tested.
+- Many comparisons in one family: Holm's step-down adjustment of their p-values, so that the chance of calling
+  any true "no difference" of the family a difference is at most 5 % however many are tested.
 """
 
 from __future__ import annotations

@@ -467,3 +467,18 @@ def test_rows_over_seeds_keep_every_comparison_a_configuration_label_may_be_empt
     assert report.with_holm(adjusted).equals(adjusted)
     single = report.with_holm(pd.DataFrame(rows[:1]))  # one seed: its only row is the comparison's claim
     assert single["p_holm"].tolist() == [0.5]
+
+
+def test_holm_counts_a_single_seed_comparison_with_the_pooled_rows_and_the_rows_over_seeds_apart():
+    def row(configuration, seed, p):
+        return {"configuration": configuration, "baseline": "base", "view": "as served", "seed": seed,
+                "baseline_seed": seed, "n": 100, "accuracy_a": 0.8, "accuracy_b": 0.82, "difference": 0.02,
+                "ci_low": 0.0, "ci_high": 0.04, "p_value": p, "test": "test"}
+    compared = report.with_holm(pd.DataFrame(
+        [row("a", "1", 0.01), row("a", "2", 0.2), row("a", "pooled (2)", 0.02), row("a", "over seeds (2)", 0.3),
+         row("b", "1", 0.03)]))
+    # over the images: a's pooled row and b's only row, {0.02, 0.03} -> 0.04 and max(0.03, 0.04); over seeds: a's
+    assert compared["p_holm"].tolist()[2:] == pytest.approx([0.04, 0.3, 0.04])
+    assert compared["p_holm"].iloc[:2].isna().all()
+    table = report._comparisons_markdown(compared.assign(run_id="", baseline_run_id="")).splitlines()[-5:]
+    assert [line.split("|")[-2].strip() for line in table] == ["", "", "0.04", "0.3", "0.04"]

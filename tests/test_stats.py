@@ -91,3 +91,4 @@ def test_holm_multiplies_the_ith_smallest_of_m_p_values_by_m_minus_i_plus_one_an
     adjusted = stats.holm([0.02, np.nan, 0.04])  # a comparison without a test is not counted in the family
     assert list(adjusted[[0, 2]]) == pytest.approx([0.04, 0.04]) and np.isnan(adjusted[1])
     assert len(stats.holm([])) == 0
+    assert list(stats.holm([0.01, 0.01, 0.04])) == pytest.approx([0.03, 0.03, 0.04])  # ties: the same value
