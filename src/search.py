@@ -21,7 +21,7 @@ import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import UserError
-from src.track import SWEEP_RUN_ENV, retry_on_race
+from src.track import SWEEP_RUN_ENV, retry_on_race, store_lock
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -50,7 +50,7 @@ def make_storage(url: str | None, heartbeat_interval: int | None = None, grace_p
         if heartbeat_interval is not None or grace_period is not None:
             raise UserError(f"hparams_search: heartbeats need an RDB storage (sqlite:/// or postgresql://), not {url}")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), store_lock(url):  # the constructor creates a fresh database's tables
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
         return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                           heartbeat_stale_trial_callback=_stale_trial_failed)

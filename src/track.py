@@ -51,10 +51,11 @@ def retry_on_race(create, attempts: int = 3):
 
 @contextmanager
 def store_lock(uri: str):
-    """Hold a lock that every process opening this database store takes. MLflow creates and migrates a
-    fresh database's tables when a process first opens it. Two processes doing that at once corrupt an
-    SQLite file for good ("table _alembic_tmp_tags already exists") and fail on PostgreSQL ("duplicate
-    key value violates unique constraint"). A file lock serialises SQLite, an advisory lock PostgreSQL."""
+    """Hold a lock that every process opening this database store takes. MLflow and Optuna's RDBStorage
+    create and migrate a fresh database's tables when a process first opens it. Two processes doing that at
+    once corrupt an SQLite file for good ("table _alembic_tmp_tags already exists") and fail on PostgreSQL
+    ("duplicate key value violates unique constraint", e.g. on Optuna's studydirection type). A file lock
+    serialises SQLite, an advisory lock PostgreSQL."""
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])
         path.parent.mkdir(parents=True, exist_ok=True)

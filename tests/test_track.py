@@ -4,6 +4,7 @@ import sys
 import keras
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
@@ -31,17 +32,23 @@ def test_setup_creates_the_experiment_with_a_local_artifact_location(tracking_ur
     assert mlflow.get_tracking_uri() == tracking_uri
 
 
-# Each process waits until all have imported, then opens the fresh store at once.
+# Each process waits until all have imported, then opens the fresh store at once: as a tracking store, or as
+# a sweep's workers open an Optuna study.
 OPEN_STORE_TOGETHER = """
 import sys, time
 from pathlib import Path
 from omegaconf import OmegaConf
-from src import track
-uri, barrier, workers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+from src import search, track
+uri, barrier, workers, opener = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 (barrier / str(time.time_ns())).touch()
 while len(list(barrier.iterdir())) < workers:
     time.sleep(0.01)
-track.setup(OmegaConf.create({"uri": uri, "experiment_name": "race", "artifact_location": str(barrier.parent)}))
+if opener == "mlflow":
+    track.setup(OmegaConf.create({"uri": uri, "experiment_name": "race", "artifact_location": str(barrier.parent)}))
+else:
+    search.load_study(OmegaConf.create({"study_name": "race", "storage": uri, "direction": "maximize",
+                                        "sampler": {"name": "RandomSampler"}, "pruner": {"name": "NopPruner"},
+                                        "heartbeat_interval": 60, "grace_period": None}))
 """
 
 
@@ -66,17 +73,23 @@ def test_make_ui_prints_a_link_to_the_training_runs_of_each_project_experiment(t
                        f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"]
 
 
-def test_processes_that_open_a_fresh_store_together_all_succeed_and_leave_it_usable(fresh_store, tmp_path):
+@pytest.mark.parametrize("opener", ["mlflow", "optuna"])
+def test_processes_that_open_a_fresh_store_together_all_succeed_and_leave_it_usable(fresh_store, opener, tmp_path):
     workers = 4
     (tmp_path / "barrier").mkdir()
     processes = [subprocess.Popen([sys.executable, "-c", OPEN_STORE_TOGETHER, fresh_store, str(tmp_path / "barrier"),
-                                   str(workers)], cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
+                                   str(workers), opener], cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
                  for _ in range(workers)]
     errors = [p.communicate(timeout=300)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * workers, "\n".join(e[-1500:] for e in errors)
-    client = mlflow.MlflowClient(tracking_uri=fresh_store)
-    assert [e.name for e in client.search_experiments(filter_string="name = 'race'")] == ["race"]
-    client.create_run(client.get_experiment_by_name("race").experiment_id)
+    if opener == "mlflow":
+        client = mlflow.MlflowClient(tracking_uri=fresh_store)
+        assert [e.name for e in client.search_experiments(filter_string="name = 'race'")] == ["race"]
+        client.create_run(client.get_experiment_by_name("race").experiment_id)
+    else:
+        study = optuna.load_study(study_name="race", storage=fresh_store)
+        assert [s.study_name for s in optuna.get_all_study_summaries(fresh_store)] == ["race"]
+        study.tell(study.ask(), 1.0)
 
 
 def test_run_name_says_backbone_techniques_lr_batch_size_and_seed():
