@@ -168,7 +168,9 @@ def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -
     predictions = {run_id: compare.load_predictions(run_id)
                    for run_id in progress.each(list(done["run_id"]), "per-image predictions", "run")}
     rows = []
-    for _, group in done[~is_baseline].groupby(keys, dropna=False, sort=False):
+    groups = [group for _, group in done[~is_baseline].groupby(keys, dropna=False, sort=False)]
+    labels = _distinct_labels([group.iloc[0] for group in groups], varying)
+    for group, label in zip(groups, labels):
         first = group.iloc[0]
         base = done[is_baseline]
         for column in baseline.get("same", []):
@@ -178,7 +180,7 @@ def comparisons(runs: pd.DataFrame, table: pd.DataFrame, baseline: DictConfig) -
             base = base[base[column].astype(str) == str(first[column])]
         if base.empty:
             continue
-        label, base_label = _row_label(first, varying), _row_label(base.iloc[0], varying)
+        base_label = _row_label(base.iloc[0], varying)
         one_view = "predicted_single_view" in predictions[first["run_id"]].frame
         for view in ("as served", "one view") if one_view else ("as served",):
             rows += _compare_group(group, base, predictions, view == "one view",
@@ -263,6 +265,19 @@ def _compare_group(group: pd.DataFrame, base: pd.DataFrame, predictions: dict, o
 
 def _row_label(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(_configuration_label(row, keys).splitlines())
+
+
+def _distinct_labels(rows: list[pd.Series], keys: list[str]) -> list[str]:
+    """Each configuration's row label; where two configurations read alike (`2 backbones` for a+b and a+c),
+    each is followed by the columns in which they differ, so that their comparisons stay apart."""
+    labels = [_row_label(row, keys) for row in rows]
+    for label in {label for label in labels if labels.count(label) > 1}:
+        alike = [row for row, other in zip(rows, labels) if other == label]
+        differ = [key for key in keys if len({str(row[key]) for row in alike}) > 1]
+        labels = [other if other != label else
+                  ", ".join(filter(None, [label, *(f"{key}={row[key]}" for key in differ)]))
+                  for row, other in zip(rows, labels)]
+    return labels
 
 
 def write_report(client: mlflow.MlflowClient, experiment_name: str, out_dir: Path,

@@ -242,6 +242,25 @@ def test_each_configuration_is_compared_with_the_declared_baseline_per_seed_and_
                            OmegaConf.create({"where": {"model.head": "svm"}}))
 
 
+def test_configurations_whose_labels_read_alike_are_compared_apart(tracking_uri, tmp_path):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("pairs", artifact_location=str(tmp_path / "artifacts"))
+    baseline = log_run(client, experiment_id, "a", 0.01, 1, 0.80, 0.80)
+    client.log_param(baseline, "model.head", "logistic_regression")
+    log_predictions(client, baseline, tmp_path, np.arange(100) < 80)
+    for backbones, right in (("a+b", 90), ("a+c", 70)):  # both "2 backbones"
+        for seed in (1, 2):
+            run_id = log_run(client, experiment_id, backbones, 0.01, seed, 0.85, right / 100)
+            client.log_param(run_id, "model.head", "dense")
+            log_predictions(client, run_id, tmp_path, np.arange(100) < right)
+    runs = report.experiment_runs(client, "pairs")
+    compared = report.comparisons(runs, selection.runs_table(runs),
+                                  OmegaConf.create({"where": {"model.head": "logistic_regression"}}))
+    pooled = compared[compared["seed"] == "pooled (2)"].set_index("configuration")["difference"]
+    assert pooled.to_dict() == pytest.approx({"2 backbones, backbone=a+b": 0.10, "2 backbones, backbone=a+c": -0.10})
+    assert compared["seed"].tolist().count("over seeds (2)") == 2
+
+
 def test_unknown_or_empty_experiment_is_a_one_line_error(store):
     client, _, _ = store
     with pytest.raises(UserError, match=r"no MLflow experiment 'nope' .*experiments there: Default, grid$"):
