@@ -85,7 +85,7 @@ def screenshot(url: str, run_names: list[str], chromium: str | None, width: int,
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         page = browser.new_page(viewport={"width": width, "height": height})
-        page.goto(url)
+        page.goto(url, wait_until="domcontentloaded", timeout=120_000)  # the run names below show it loaded
         for name in run_names:  # fails (times out) when the page opens on another view than the runs
             page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
         close = page.get_by_role("button", name="Close")  # MLflow's assistant panel, open on a first visit

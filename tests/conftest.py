@@ -93,7 +93,7 @@ def postgres_admin():
     """A connection to the local PostgreSQL server's `postgres` database; skips the test where none answers."""
     psycopg = pytest.importorskip("psycopg")
     try:
-        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=15)
     except psycopg.OperationalError as error:
         pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
     yield admin

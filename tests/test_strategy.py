@@ -60,7 +60,10 @@ def assert_serves_its_logged_predictions(run_id: str) -> None:
 def test_multi_worker_strategy_trains_on_two_processes_and_only_the_chief_logs_and_exports(tmp_path, tiny_backbone):
     """Two workers over loopback, the chief given its cluster by trainer.cluster and the other by TF_CONFIG, next
     to one process with the same global batch, seed and initial weights."""
-    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    ports = set()
+    while len(ports) < 2:  # two picks in a row may return the same free port
+        ports.add(free_port())
+    workers = [f"127.0.0.1:{port}" for port in sorted(ports)]
     job = [sys.executable, "train.py", *FAST, f"backbone.handle={tiny_backbone}",
            "trainer.feature_cache=false", f"paths.cache_dir={tmp_path}/cache"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -173,8 +173,9 @@ def test_a_search_whose_trials_keep_failing_stops_and_ends_its_sweep_run_failed(
 
 
 def test_rerunning_resumes_the_study_after_sigkill(tmp_path, tiny_backbone):
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    overrides = search(tmp_path, storage, 6)
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = search(tmp_path, url, 6)
+    storage = make_storage(url)  # its tables, before the worker creates them too
     first = subprocess.Popen(command(tmp_path, tiny_backbone, *overrides), cwd=PROJECT_ROOT,
                              env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -206,9 +207,13 @@ def run_workers(tmp_path, tiny_backbone, storage, n_trials, workers=2):
     processes = [subprocess.Popen(command(tmp_path, tiny_backbone, *overrides), cwd=PROJECT_ROOT,
                                   env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True) for _ in range(workers)]
-    for process in processes:
-        _, stderr = process.communicate(timeout=900)
-        assert process.returncode == 0, stderr[-3000:]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=900)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:  # a failed worker leaves no other running into the next tests
+        for process in processes:
+            process.kill()
     study = optuna.load_study(study_name="parallel", storage=make_storage(storage))
     done = finished(study)
     assert len(done) == n_trials

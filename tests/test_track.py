@@ -35,12 +35,12 @@ def test_setup_creates_the_experiment_with_a_local_artifact_location(tracking_ur
 # Each process waits until all have imported, then opens the fresh store at once: as a tracking store, or as
 # a sweep's workers open an Optuna study.
 OPEN_STORE_TOGETHER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from omegaconf import OmegaConf
 from src import search, track
 uri, barrier, workers, opener = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-(barrier / str(time.time_ns())).touch()
+(barrier / str(os.getpid())).touch()
 while len(list(barrier.iterdir())) < workers:
     time.sleep(0.01)
 if opener == "mlflow":
