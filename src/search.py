@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import mlflow
 import optuna
+import psutil
 import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
@@ -122,6 +123,7 @@ def next_trial(study: optuna.Study, n_trials: int, sampler_cfg: DictConfig) -> o
         warnings.filterwarnings("ignore", "Heartbeat of storage")  # the sweeper beats, see `heartbeat`
         trial = study.ask()
     trial.set_user_attr("worker", _worker())
+    trial.set_user_attr("worker_started", _started(os.getpid()))
     study.sampler = make_sampler(sampler_cfg, trial.number)
     if trial.number not in sorted(t.number for t in counted_trials(study))[:n_trials]:
         trial.set_user_attr("not_run", f"n_trials={n_trials} reached by other workers")
@@ -141,12 +143,13 @@ def _worker() -> str:
 
 def fail_abandoned_trials(study: optuna.Study) -> list[int]:
     """Trials left RUNNING by a process of this host that no longer exists (e.g. killed with SIGKILL) -> FAIL,
-    so that they do not count towards n_trials; their MLflow runs -> KILLED. Finished trials are kept."""
+    so that they do not count towards n_trials; their MLflow runs -> KILLED. Finished trials are kept. A process
+    is known by its pid and its start time, as a pid is reused once its process has ended."""
     host = socket.gethostname()
     abandoned = []
     for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
         worker_host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+        if worker_host == host and pid.isdigit() and not _alive(int(pid), trial.user_attrs.get("worker_started")):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             abandoned.append(trial.number)
             _end_mlflow_runs(study.study_name, trial.number, "abandoned: its worker process died")
@@ -183,14 +186,19 @@ def _end_mlflow_runs(study_name: str, trial_number: int, reason: str) -> None:
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> float:
+    """When process `pid` started, in seconds since the epoch, as it is stored and compared."""
+    return round(psutil.Process(pid).create_time(), 2)
+
+
+def _alive(pid: int, started: float | None = None) -> bool:
+    """Whether process `pid` runs, and is the one that started at `started` (when given)."""
+    if started is None:  # a trial from before start times were stored
+        return psutil.pid_exists(pid)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return _started(pid) == started
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PruningCallback(keras.callbacks.Callback):

@@ -1,5 +1,6 @@
 """The Optuna helpers on in-memory and SQLite studies: samplers, storage, heartbeats, abandoned trials."""
 
+import os
 import subprocess
 import sys
 
@@ -55,12 +56,15 @@ def test_a_trial_of_a_dead_process_is_failed_and_live_ones_are_kept(tracking_uri
     study = optuna.create_study(study_name="abandoned")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    trials = [study.ask() for _ in range(3)]
+    trials = [study.ask() for _ in range(4)]
     trials[0].set_user_attr("worker", f"{search.socket.gethostname()}:{dead}")
     trials[1].set_user_attr("worker", search._worker())  # this very process: alive
+    trials[1].set_user_attr("worker_started", search._started(os.getpid()))
     trials[2].set_user_attr("worker", "another-host:1")  # cannot be checked from here: kept
-    assert search.fail_abandoned_trials(study) == [0]
-    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING"]
+    trials[3].set_user_attr("worker", search._worker())  # this pid, reused: its process started later than the trial's
+    trials[3].set_user_attr("worker_started", search._started(os.getpid()) - 60)
+    assert search.fail_abandoned_trials(study) == [0, 3]
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING", "FAIL"]
     assert search.fail_abandoned_trials(study) == []  # a second worker finds nothing left to fail
 
 
