@@ -8,8 +8,8 @@ prepared data, as the README assumes). Three things stand in for the reader: the
 repository instead of `<repository URL>`; the lines marked "in another terminal" (`make ui`, `make serve-best`)
 run in the background, and their step lasts until their port answers; `rose.jpg` is the first rose of the test
 split. The environment is a new user's: pip's cache off (every wheel downloaded), no MLflow, cache or TFDS
-variables. Prints each step's wall time, the total, and the prediction; exits non-zero if a step fails or the
-answer holds no prediction.
+variables. Prints each step's wall time, the total, the size of the `.venv` that `make install` built (as
+`du -sm` counts it), and the prediction; exits non-zero if a step fails or the answer holds no prediction.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ def main() -> None:
     for line, seconds in times:
         print(f"{seconds:7.1f} s  {line.split('#')[0].strip()[:100]}")
     print(f"{total:7.1f} s  in all ({total / 60:.1f} min), clone to served prediction")
+    [venv] = work.glob("*/.venv")
+    size = subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True, check=True).stdout.split()[0]
+    print(f"{int(size):,} MB  the .venv that make install built (du -sm)")
     top = json.loads(answer)["predictions"][0]
     print(f"the served prediction for rose.jpg: {json.dumps(top)[:300]}")
     if not args.keep:
