@@ -187,8 +187,9 @@ def _end_mlflow_runs(study_name: str, trial_number: int, reason: str) -> None:
 
 
 def _started(pid: int) -> float:
-    """When process `pid` started, in seconds since the epoch, as it is stored and compared."""
-    return round(psutil.Process(pid).create_time(), 2)
+    """When process `pid` started, in seconds since the host booted: unlike seconds since the epoch, this does not
+    move when the system clock is stepped (NTP, a resumed VM)."""
+    return round(psutil.Process(pid).create_time() - psutil.boot_time(), 2)
 
 
 def _alive(pid: int, started: float | None = None) -> bool:
@@ -199,6 +200,8 @@ def _alive(pid: int, started: float | None = None) -> bool:
         return _started(pid) == started
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:
+        return True
 
 
 class PruningCallback(keras.callbacks.Callback):

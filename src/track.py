@@ -59,14 +59,19 @@ def store_lock(uri: str):
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            lock = open(path.with_name(path.name + ".lock"), "w")
+        except OSError:  # a folder only readable here: nothing will create tables in it
+            yield
+            return
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
     elif urlparse(uri).scheme.startswith("postgresql"):
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
         with engine.connect() as connection:  # the lock is released when this session ends
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
-                               {"key": zlib.crc32(b"mlflow-store-init")})
+                               {"key": zlib.crc32(b"store-init")})
             yield
         engine.dispose()
     else:
